@@ -1,0 +1,1 @@
+"""Top-down heatmap pose fine-tuning and OKS evaluation (DeepSpeed, pycocotools)."""

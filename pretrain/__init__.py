@@ -1,0 +1,1 @@
+"""MAE pretraining of ViT backbones (DeepSpeed, webdataset shards)."""

@@ -1,0 +1,114 @@
+"""The `sapiens` command.
+
+Each command is a function `add_<name>_command(subparsers)` that adds its parser and sets
+`func=<handler>` (a handler takes the parsed args and returns an exit code or None).
+
+The commands of this package are listed in `BUILTIN_COMMANDS`. The training packages (`pretrain`,
+`finetune`) add theirs through the explicit `[project.entry-points."sapiens.commands"]` table in
+pyproject.toml, so this module never imports them (sapiens_lite stays installable on its own).
+Modules are imported only when their command is about to be added, which keeps `sapiens --help` fast.
+
+User mistakes raise `UserError`: one line on stderr, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from importlib.metadata import entry_points
+
+from sapiens_lite.errors import UserError
+
+# command name -> "module:function" adding it. Order = order in `sapiens --help`.
+BUILTIN_COMMANDS: dict[str, str] = {
+    "info": "sapiens_lite.commands:add_info_command",
+    "convert": "sapiens_lite.commands:add_convert_command",
+}
+ENTRY_POINT_GROUP = "sapiens.commands"
+
+
+def _load(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _plugin_commands() -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sapiens",
+        description="sapiens: pretrain, fine-tune, convert and run human-centric ViT models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = {**BUILTIN_COMMANDS, **_plugin_commands()}
+    for name, target in commands.items():
+        if only is not None and name != only:
+            # Keep the name in --help without importing the module behind it.
+            sub.add_parser(name, help=f"(run `sapiens {name} --help`)")
+            continue
+        try:
+            add = _load(target)
+        except ImportError as e:
+            # A training command whose extras are not installed: say how to get them.
+            p = sub.add_parser(name, help=f"unavailable: {e.name or e} is not installed")
+            p.set_defaults(func=_missing_extra(name, e))
+            continue
+        add(sub)
+    return parser
+
+
+def _missing_extra(name: str, err: ImportError):
+    def run(args):
+        raise UserError(
+            f"`sapiens {name}` needs {err.name or err}, which is not installed; "
+            "install the training extras: pip install 'sapiens-toolkit[train]'"
+        )
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import only the module of the command being run; `sapiens --help` lists names from the table.
+    first = next((a for a in argv if not a.startswith("-")), None)
+    commands = {**BUILTIN_COMMANDS, **_plugin_commands()}
+    only = first if first in commands else None
+    if only is None:
+        parser = argparse.ArgumentParser(prog="sapiens", description="sapiens: pretrain, fine-tune, convert and run human-centric ViT models.")
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+        for name in commands:
+            sub.add_parser(name, help=_HELP.get(name, ""))
+    else:
+        parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        rc = args.func(args)
+    except UserError as e:
+        print(f"sapiens {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sapiens {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+# One-line descriptions for `sapiens --help` (which imports no command module).
+_HELP: dict[str, str] = {
+    "info": "versions, device, and the model archs with parameter counts and GFLOPs",
+    "convert": "convert a foreign checkpoint (Sapiens .pth, MAE, timm, transformers) to our safetensors format",
+    "data": "synthesize, pack, and inspect datasets (webdataset shards)",
+    "pretrain": "MAE pretraining with DeepSpeed",
+    "export-backbone": "consolidate a pretraining run's (ZeRO) checkpoint into a backbone folder",
+    "finetune": "top-down heatmap pose fine-tuning with DeepSpeed",
+    "eval": "OKS AP / PCK evaluation of a pose model",
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

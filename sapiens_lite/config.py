@@ -1,0 +1,224 @@
+"""Typed configs: dataclass defaults < YAML files < `a.b=value` command-line overrides.
+
+Every default lives in a dataclass (one per component, joined with `default_factory`). A YAML file
+holds only what differs from the defaults. Unknown keys and values of the wrong type are errors that
+name the key and list the valid choices, so a misspelt key can never silently become a new setting.
+
+    cfg = load_config(PretrainConfig, ["configs/pretrain/tiny_cpu.yaml"], ["optim.blr=1e-3"])
+    save_config(cfg, run_dir / "config.yaml")
+
+Supported field types: bool, int, float, str, `Literal[...]`, `X | None`, `tuple[...]`, `list[X]`,
+`dict[str, X]` and nested dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from sapiens_lite.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (YAML list -> tuple, int -> float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of: {', '.join(map(repr, choices))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: null is not allowed (expected {_type_name(tp)})")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = get_args(tp) or (Any, Any)
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        # YAML turns `1e-3`-like or `on` strings into other types only when unquoted; be strict.
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass `cls` from the defaults updated with the (nested) dict `data`."""
+    return _update(cls(), data, prefix)
+
+
+def _update(obj: T, data: dict, prefix: str = "") -> T:
+    cls = type(obj)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    changes = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(fields))}")
+        tp = hints[k]
+        if _is_dataclass_type(tp) and isinstance(v, dict):
+            changes[k] = _update(getattr(obj, k), v, key)
+        else:
+            changes[k] = _coerce(v, tp, key)
+    try:
+        return dataclasses.replace(obj, **changes)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # __post_init__ checks
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict:
+    """`["a.b=1", "c=[2, 3]"]` -> `{"a": {"b": 1}, "c": [2, 3]}` (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        k, v = item.split("=", 1)
+        k = k.strip().removeprefix("--")
+        if not k:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        _set_dotted(tree, k, value)
+    return tree
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[T], files: typing.Sequence[str | os.PathLike] = (), overrides: typing.Sequence[str] = ()
+) -> T:
+    """Defaults of `cls`, updated by each YAML file in order, then by `a.b=value` overrides."""
+    cfg = cls()
+    for f in files:
+        try:
+            cfg = _update(cfg, read_yaml(f))
+        except ConfigError as e:
+            if str(e).startswith(str(f)):
+                raise
+            raise ConfigError(f"{f}: {e}") from None
+    if overrides:
+        cfg = _update(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def config_from_dict(cls: type[T], data: dict) -> T:
+    """Build `cls` from a (possibly partial) nested dict, e.g. a saved config.json."""
+    return _build(cls, data)
+
+
+def config_to_dict(cfg) -> dict:
+    """A plain nested dict (tuples become lists) that YAML/JSON can hold."""
+
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def save_config(cfg, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
