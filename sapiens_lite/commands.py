@@ -5,7 +5,30 @@ from __future__ import annotations
 
 def add_info_command(sub) -> None:
     p = sub.add_parser("info", help="versions, device, and the model archs with parameter counts and GFLOPs")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        nargs=2,
+        default=(1024, 768),
+        metavar=("H", "W"),
+        help="input size for the GFLOPs column (default: 1024 768)",
+    )
     p.set_defaults(func=run_info)
+
+
+# distribution names reported by `sapiens info`; the training ones are looked up, never imported
+# (importing DeepSpeed alone takes seconds and may probe the CUDA toolchain).
+_CORE_PACKAGES = ("sapiens-toolkit", "torch", "timm", "safetensors", "huggingface_hub", "numpy")
+_TRAIN_PACKAGES = ("deepspeed", "webdataset", "pycocotools")
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def run_info(args) -> int:
@@ -13,20 +36,101 @@ def run_info(args) -> int:
 
     import torch
 
-    import sapiens_lite
+    from sapiens_lite.errors import UserError
+    from sapiens_lite.flops import count_params, forward_flops
+    from sapiens_lite.models.vit import ARCHS, ViTConfig
 
-    print(f"sapiens-toolkit {sapiens_lite.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    img_size = tuple(getattr(args, "img_size", (1024, 768)))
+    if any(s <= 0 or s % 16 for s in img_size):
+        raise UserError(
+            f"--img-size: H and W must be positive multiples of the patch size 16, got {img_size}"
+        )
+    print(f"python           {platform.python_version()} ({platform.system()} {platform.machine()})")
+    for name in _CORE_PACKAGES:
+        print(f"{name:<16} {_dist_version(name)}")
+    for name in _TRAIN_PACKAGES:
+        print(f"{name:<16} {_dist_version(name)}  (training extra)")
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        names = sorted({torch.cuda.get_device_name(i) for i in range(n)})
+        print(f"{'device':<16} cuda: {n} x {', '.join(names)} (CUDA {torch.version.cuda})")
+    else:
+        print(f"{'device':<16} CPU ({torch.get_num_threads()} threads)")
+
+    print()
+    print(f"archs (params without cls token; forward GFLOPs of one {img_size[0]}x{img_size[1]} image)")
+    print(f"{'arch':<14} {'dim':>5} {'depth':>5} {'heads':>5} {'params':>9} {'GFLOPs':>9}")
+    for arch, size in ARCHS.items():
+        cfg = ViTConfig(arch=arch, img_size=img_size)
+        params = count_params(cfg)
+        gflops = forward_flops(cfg) / 1e9
+        p = f"{params / 1e9:.3f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+        print(
+            f"{arch:<14} {size['embed_dim']:>5} {size['depth']:>5} {size['num_heads']:>5} {p:>9} {gflops:>9.1f}"
+        )
     return 0
 
 
 def add_convert_command(sub) -> None:
-    p = sub.add_parser("convert", help="convert a foreign checkpoint to our safetensors format")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p = sub.add_parser(
+        "convert",
+        help="convert a foreign checkpoint to our safetensors format",
+        description=(
+            "Convert a Sapiens (.pth), facebookresearch/mae, timm or transformers (ViTMAE, VitPose) checkpoint "
+            "into a folder with config.json + model.safetensors: a backbone, or a pose model when the "
+            "checkpoint has a pose head. .pth files are read with torch.load(weights_only=True)."
+        ),
+    )
+    p.add_argument("src", help="checkpoint file: .pth / .pt / .bin / .ckpt / .safetensors")
+    p.add_argument("dst", help="output folder (created; files in it are replaced)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="force the format (sapiens_pretrain, sapiens_pose, mae, timm, transformers_vitmae, "
+        "transformers_vitpose) instead of recognising it from the keys",
+    )
+    p.add_argument("--arch", default=None, help="arch of the backbone (needed when its size is not in ARCHS)")
+    p.add_argument(
+        "--grid", default=None, help="GHxGW patch grid of the position embedding if neither square nor 4:3"
+    )
+    p.add_argument(
+        "--scheme", default=None, help="keypoint scheme of a pose head (default: from its keypoint count)"
+    )
     p.set_defaults(func=run_convert)
 
 
 def run_convert(args) -> int:
+    from sapiens_lite.convert import (
+        build_backbone,
+        build_pose_model,
+        convert_state_dict,
+        load_checkpoint_file,
+    )
     from sapiens_lite.errors import UserError
 
-    raise UserError("not implemented yet")
+    grid = None
+    if args.grid is not None:
+        try:
+            grid = tuple(int(v) for v in args.grid.lower().split("x"))
+        except ValueError:
+            grid = ()
+        if len(grid) != 2:
+            raise UserError(f"--grid must look like 64x48, got {args.grid!r}")
+    overrides = {"arch": args.arch} if args.arch else {}
+    conv = convert_state_dict(load_checkpoint_file(args.src), source=args.source, grid=grid)
+    if conv.head is not None:
+        model = build_pose_model(conv, scheme=args.scheme, **overrides)
+        what = f"pose model ({conv.hints.head['kind']} head, {conv.hints.head['num_keypoints']} keypoints)"
+    else:
+        model = build_backbone(conv, **overrides)
+        what = "backbone" + (" (MAE decoder not kept)" if conv.decoder is not None else "")
+    model.save_pretrained(
+        args.dst, metadata={"converted_from": {"source": conv.source, "file": str(args.src)}}
+    )
+    cfg = model.config if conv.head is None else model.config.backbone
+    print(
+        f"{args.src} [{conv.source}] -> {args.dst}: {what}, arch {cfg.arch}, img_size {tuple(cfg.img_size)}, "
+        f"cls_token {cfg.cls_token}, {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
+    return 0

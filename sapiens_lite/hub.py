@@ -80,7 +80,9 @@ class HubMixin:
         snapshots are used. `revision` is a branch, tag or commit hash. The model is returned in
         eval mode (call `.train()` to fine-tune), with float tensors in the default dtype (fp32).
         """
-        folder = resolve_checkpoint_folder(repo_id_or_path, revision=revision, cache_dir=cache_dir, token=token)
+        folder = resolve_checkpoint_folder(
+            repo_id_or_path, revision=revision, cache_dir=cache_dir, token=token
+        )
         info = read_checkpoint_config(folder, expected_model_type=cls.model_type)
         try:
             cfg = config_from_dict(cls.config_class, info["config"])
@@ -132,7 +134,9 @@ class HubMixin:
             **self.hub_metadata(),
             **(metadata or {}),
         }
-        tmp = Path(tempfile.mkdtemp(prefix=f".{save_directory.name}.", suffix=".tmp", dir=save_directory.parent))
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{save_directory.name}.", suffix=".tmp", dir=save_directory.parent)
+        )
         try:
             (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
             state_dict = {k: v.detach().cpu() for k, v in self.state_dict().items()}
@@ -143,7 +147,9 @@ class HubMixin:
             shutil.rmtree(tmp, ignore_errors=True)
         return save_directory
 
-    def model_card(self, *, license: str = "apache-2.0", tags: tuple[str, ...] = (), info: dict | None = None):
+    def model_card(
+        self, *, license: str = "apache-2.0", tags: tuple[str, ...] = (), info: dict | None = None
+    ):
         """A huggingface_hub `ModelCard` with YAML metadata (license, library, tags) and a short summary."""
         from huggingface_hub import ModelCard, ModelCardData
 
@@ -226,7 +232,9 @@ def resolve_checkpoint_folder(
             raise UserError(f"{path}: revision={revision!r} applies to Hub repos, not to a local folder")
         return path
     if path.exists():
-        raise UserError(f"{path}: expected a checkpoint folder (with {CONFIG_NAME} and {WEIGHTS_NAME}), got a file")
+        raise UserError(
+            f"{path}: expected a checkpoint folder (with {CONFIG_NAME} and {WEIGHTS_NAME}), got a file"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HFValidationError,
@@ -273,13 +281,13 @@ def read_checkpoint_config(folder: str | os.PathLike, expected_model_type: str |
             f"({FORMAT_VERSION}); upgrade {LIBRARY_NAME}"
         )
     if expected_model_type is not None and info["model_type"] != expected_model_type:
-        raise UserError(
-            f"{path}: holds a {info['model_type']!r} model, not a {expected_model_type!r} model"
-        )
+        raise UserError(f"{path}: holds a {info['model_type']!r} model, not a {expected_model_type!r} model")
     return info
 
 
-def load_weights(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_weights(
+    folder: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The state dict of a checkpoint folder: `model.safetensors`, or the shards listed in its index."""
     from safetensors.torch import load_file
 
@@ -317,7 +325,9 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, *, strict: bool, 
     if shapes:
         problems.append(f"shape mismatches {_preview(shapes)}")
     if problems:
-        raise UserError(f"{source}: weights do not fit the model built from {CONFIG_NAME}: " + "; ".join(problems))
+        raise UserError(
+            f"{source}: weights do not fit the model built from {CONFIG_NAME}: " + "; ".join(problems)
+        )
 
 
 def _move_into(src: Path, dst: Path) -> None:

@@ -24,8 +24,6 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
 
 from sapiens_lite.hub import HubMixin
 from sapiens_lite.pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
@@ -71,7 +69,9 @@ class ViTConfig:
     def __post_init__(self):
         self.img_size = tuple(self.img_size)
         if len(self.img_size) != 2 or any(s % self.patch_size for s in self.img_size):
-            raise ValueError(f"img_size must be (H, W), multiples of patch_size {self.patch_size}, got {self.img_size}")
+            raise ValueError(
+                f"img_size must be (H, W), multiples of patch_size {self.patch_size}, got {self.img_size}"
+            )
         if self.pos_embed not in ("learned", "sincos"):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -109,6 +109,10 @@ class VisionTransformer(nn.Module, HubMixin):
     config_class = ViTConfig
 
     def __init__(self, cfg: ViTConfig):
+        # timm is imported when a model is built: importing it loads every timm model (~1.5 s), which
+        # `sapiens info`, `sapiens --help` and config handling do not need.
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         cfg = cfg.resolved()
         self.config = cfg
@@ -121,9 +125,12 @@ class VisionTransformer(nn.Module, HubMixin):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_padding)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.cls_token else None
         num_pos = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, cfg.embed_dim), requires_grad=cfg.pos_embed == "learned")
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, num_pos, cfg.embed_dim), requires_grad=cfg.pos_embed == "learned"
+        )
 
-        drop_path = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # plain floats: torch.linspace would land on the meta device inside `with torch.device("meta")`
+        drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.ModuleList(
             Block(
@@ -145,6 +152,8 @@ class VisionTransformer(nn.Module, HubMixin):
 
     def initialize_weights(self) -> None:
         """MAE / timm initialisation: xavier-uniform Linear (and patch conv as a Linear), trunc-normal tokens."""
+        from timm.layers import trunc_normal_
+
         if self.config.pos_embed == "sincos":
             pe = get_2d_sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=self.cls_token is not None)
             self.pos_embed.data.copy_(torch.from_numpy(pe).float().unsqueeze(0))
@@ -219,6 +228,13 @@ class VisionTransformer(nn.Module, HubMixin):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
+
+    def hub_metadata(self) -> dict:
+        """Extra config.json entries (see sapiens_lite.hub): input size and parameter count."""
+        return {
+            "input_size": list(self.config.img_size),
+            "num_params": sum(p.numel() for p in self.parameters()),
+        }
 
 
 def _init_linear_and_norm(m: nn.Module) -> None:

@@ -1,0 +1,276 @@
+"""MAE training throughput: our `pretrain.mae` against transformers' `ViTMAEForPreTraining`.
+
+Same encoder/decoder sizes, resolution, batch, precision, mask ratio (0.75) and loss (norm-pix MSE on
+the masked patches); each timed step is zero_grad + forward + backward + AdamW step. Both models run
+in this one process on the same device; the figures are img/s (median step), their ratio, and MFU
+against a matmul peak measured in the same run (bench/_peak.py).
+
+    python bench/mae_throughput.py                                   # CPU, vit_small 224x224, batch 8, fp32
+    python bench/mae_throughput.py --profile                         # + where the time goes (torch.profiler)
+    python bench/mae_throughput.py --device cuda --arch sapiens_0.3b --size 1024 768 --dtype bf16 --batch 16
+    python bench/mae_throughput.py --device cuda --find-largest      # largest batch per Sapiens size in 80 GB
+
+MFU counts model FLOPs (`pretrain.mae.mae_train_flops`: encoder on the 25% visible tokens, decoder on
+all tokens, x3 for forward + backward), the same numerator for both implementations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._peak import measure_matmul_peak, mfu  # noqa: E402
+from pretrain.mae import MaskedAutoencoder, mae_config, mae_train_flops  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_ours(args) -> tuple[torch.nn.Module, object]:
+    cfg = mae_config(
+        args.arch,
+        img_size=tuple(args.size),
+        decoder_dim=args.decoder_dim,
+        decoder_depth=args.decoder_depth,
+        decoder_heads=args.decoder_heads,
+        mask_ratio=0.75,
+        norm_pix_loss=True,
+    )
+    return MaskedAutoencoder(cfg), cfg
+
+
+def build_reference(args, cfg) -> torch.nn.Module:
+    """transformers ViTMAEForPreTraining of the same size (its default attention: SDPA)."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    enc = cfg.encoder.resolved()
+    h, w = args.size
+    hf_cfg = ViTMAEConfig(
+        hidden_size=enc.embed_dim,
+        num_hidden_layers=enc.depth,
+        num_attention_heads=enc.num_heads,
+        intermediate_size=int(enc.embed_dim * enc.mlp_ratio),
+        image_size=h,  # transformers builds a square grid; non-square inputs go through interpolate_pos_encoding
+        patch_size=enc.patch_size,
+        qkv_bias=True,
+        layer_norm_eps=1e-6,
+        decoder_hidden_size=cfg.decoder_dim,
+        decoder_num_hidden_layers=cfg.decoder_depth,
+        decoder_num_attention_heads=cfg.decoder_heads,
+        decoder_intermediate_size=int(cfg.decoder_dim * cfg.decoder_mlp_ratio),
+        mask_ratio=cfg.mask_ratio,
+        norm_pix_loss=cfg.norm_pix_loss,
+        attn_implementation="sdpa",
+    )
+    model = ViTMAEForPreTraining(hf_cfg)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def make_step(model, opt, imgs, dtype, device, ours: bool, non_square: bool):
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            if ours:
+                loss = model(imgs)[0]
+            else:
+                loss = model(pixel_values=imgs, interpolate_pos_encoding=non_square).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def time_steps(step, device, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def profile(step, device, name: str, rows: int = 15) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n--- profile: {name} (2 steps, sorted by {key}) ---")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
+def optimizer_for(model, device, fused: bool):
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw), "AdamW fused"
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(params, **kw), "AdamW (torch default: foreach)"
+
+
+def run_compare(args) -> None:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    peak = measure_matmul_peak(device, dtype)
+    imgs = torch.randn(args.batch, 3, *args.size, device=device)
+    non_square = args.size[0] != args.size[1]
+
+    ours, cfg = build_ours(args)
+    flops_per_img = mae_train_flops(cfg)
+    results = {}
+    order = ["ours", "transformers"] if not args.reference_first else ["transformers", "ours"]
+    for name in order:
+        gc.collect()
+        is_ours = name == "ours"
+        model = ours if is_ours else build_reference(args, cfg)
+        if is_ours and args.checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(device).train()
+        opt, opt_name = optimizer_for(model, device, fused=is_ours)
+        fwd = torch.compile(model) if args.compile else model
+        step = make_step(fwd, opt, imgs, dtype, device, is_ours, non_square)
+        try:
+            times = time_steps(step, device, args.warmup, args.steps)
+        except Exception as e:  # keep the other implementation's figure when one fails (e.g. OOM)
+            print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            results[name] = None
+        else:
+            med = statistics.median(times)
+            results[name] = dict(step_s=med, img_s=args.batch / med, opt=opt_name)
+            if args.profile:
+                profile(step, device, name)
+        del model, opt, step, fwd
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(
+        f"\nMAE training throughput: {args.arch} ({n_params / 1e6:.1f} M params with decoder), "
+        f"{args.size[0]}x{args.size[1]}, batch {args.batch}, {args.dtype}, device {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}"
+        f", decoder {cfg.decoder_dim}d{cfg.decoder_depth}b, mask 0.75, norm-pix loss"
+        f"{', activation checkpointing' if args.checkpointing else ''}{', torch.compile' if args.compile else ''}"
+    )
+    print(f"model FLOPs per training image: {flops_per_img / 1e9:.2f} GFLOP; measured matmul peak {peak:.2f} TFLOP/s ({args.dtype})")
+    print(f"{'impl':<14}{'step ms':>10}{'img/s':>10}{'MFU':>8}  optimizer")
+    for name in ("ours", "transformers"):
+        r = results.get(name)
+        if r is None:
+            print(f"{name:<14}{'failed':>10}")
+            continue
+        u = mfu(r["img_s"] * flops_per_img, peak)
+        print(f"{name:<14}{r['step_s'] * 1e3:>10.1f}{r['img_s']:>10.2f}{u:>8.1%}  {r['opt']}")
+    if results.get("ours") and results.get("transformers"):
+        print(f"speed-up ours / transformers: {results['ours']['img_s'] / results['transformers']['img_s']:.2f}x")
+
+
+def find_largest(args) -> None:
+    """Largest power-of-two batch (1, 2, 4, ...) of each Sapiens size that trains a step within `--memory-gb`."""
+    device = torch.device(args.device)
+    assert device.type == "cuda", "--find-largest needs a CUDA device"
+    total = torch.cuda.get_device_properties(device).total_memory
+    frac = min(1.0, args.memory_gb * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(frac, device)
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for arch in ("sapiens_0.3b", "sapiens_0.6b", "sapiens_1b", "sapiens_2b"):
+        best, best_stats = 0, None
+        batch = 1
+        while batch <= args.max_batch:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            model = opt = None
+            try:
+                args.arch = arch
+                model, cfg = build_ours(args)
+                model.set_grad_checkpointing(True)
+                model.to(device).train()
+                opt, _ = optimizer_for(model, device, fused=True)
+                imgs = torch.randn(batch, 3, *args.size, device=device)
+                step = make_step(model, opt, imgs, dtype, device, True, False)
+                times = time_steps(step, device, 1, 2)
+                best = batch
+                best_stats = (
+                    torch.cuda.max_memory_allocated(device) / 2**30,
+                    batch / statistics.median(times),
+                    mfu(batch / statistics.median(times) * mae_train_flops(cfg), args.peak),
+                )
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                del model, opt
+            batch *= 2
+        rows.append((arch, best, best_stats))
+        print(f"{arch}: largest batch {best}" + (f" ({best_stats[0]:.1f} GiB peak)" if best_stats else ""), flush=True)
+    print(f"\nLargest batch per GPU within {args.memory_gb:.0f} GB ({args.dtype}, activation checkpointing, fp32 AdamW state, "
+          f"{args.size[0]}x{args.size[1]}), {torch.cuda.get_device_name(device)}:")
+    print(f"{'arch':<14}{'batch':>6}{'peak GiB':>10}{'img/s':>8}{'MFU':>7}")
+    for arch, best, st in rows:
+        if st is None:
+            print(f"{arch:<14}{'none':>6}  (batch 1 does not fit)")
+        else:
+            print(f"{arch:<14}{best:>6}{st[0]:>10.1f}{st[1]:>8.1f}{st[2]:>7.1%}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--arch", default="vit_small", help="encoder arch (sapiens_lite.models.vit.ARCHS)")
+    p.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--decoder-dim", type=int, default=512)
+    p.add_argument("--decoder-depth", type=int, default=8)
+    p.add_argument("--decoder-heads", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table per implementation")
+    p.add_argument("--reference-first", action="store_true", help="time transformers first (order check)")
+    p.add_argument("--find-largest", action="store_true", help="largest batch of sapiens_0.3b..2b in --memory-gb")
+    p.add_argument("--memory-gb", type=float, default=80.0)
+    p.add_argument("--max-batch", type=int, default=256)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.find_largest:
+        if args.size == [224, 224]:
+            args.size = [1024, 768]
+        args.dtype = "bf16" if args.dtype == "fp32" and args.device == "cuda" else args.dtype
+        args.peak = measure_matmul_peak(torch.device(args.device), DTYPES[args.dtype])
+        find_largest(args)
+    else:
+        run_compare(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""The one training engine: DeepSpeed from our typed config, the step loop, checkpoints, logs.
+
+A trainer imports deepspeed and hands the module in; this file never imports it.
+
+    import deepspeed
+    engine = Engine(deepspeed, model, cfg.engine, cfg.optim, flops_per_sample=fwd_flops, config_to_save=cfg)
+    engine.resume()                                     # no-op on a fresh run_dir
+    loader = build_loader(rank=engine.rank, world_size=engine.world_size, ...)
+
+    def step_fn(model, batch):                          # forward only; the engine does backward/step
+        loss, pred, mask = model(batch["image"], mask_ratio=0.75)
+        return loss, {"masked": mask.mean().item()}
+
+    summary = engine.fit(loader, step_fn, hooks=[EveryN(500, save_reconstructions)])
+
+One optimizer step = `grad_accum_steps` micro-batches per rank; `engine.step` counts optimizer steps.
+A micro-batch whose loss is non-finite on any rank is dropped on every rank (no backward, no update,
+counted in `nonfinite_skipped`) and another one is drawn; `max_nonfinite` in a row save a checkpoint
+and raise `UserError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from sapiens_lite.config import save_config
+from sapiens_lite.errors import UserError
+from sapiens_lite.training import checkpoint as ckpt
+from sapiens_lite.training.config import EngineConfig, OptimConfig
+from sapiens_lite.training.dist import (
+    all_reduce,
+    barrier,
+    broadcast_module,
+    init_distributed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from sapiens_lite.training.monitor import RunLogger, mfu, peak_tflops
+from sapiens_lite.training.optim import describe_param_groups
+from sapiens_lite.training.optim import param_groups as default_param_groups
+from sapiens_lite.training.schedule import lr_at, scaled_lr
+
+StepFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+class Hook(Protocol):
+    """Called on every rank after optimizer steps that are multiples of `every` (before that step's checkpoint)."""
+
+    every: int
+
+    def __call__(self, engine: Engine, step: int, last_batch: Any, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class EveryN:
+    """A plain function as a hook: `EveryN(500, fn)` calls `fn(engine, step, last_batch, metrics)`."""
+
+    every: int
+    fn: Callable[[Engine, int, Any, dict], None]
+
+    def __call__(self, engine: Engine, step: int, last_batch: Any, metrics: dict[str, float]) -> None:
+        self.fn(engine, step, last_batch, metrics)
+
+
+def global_batch_size(cfg: EngineConfig, world_size: int) -> int:
+    """micro-batch x accumulation x world; a configured `global_batch_size` must agree (UserError otherwise)."""
+    gbs = cfg.micro_batch_size * cfg.grad_accum_steps * world_size
+    if cfg.global_batch_size is not None and cfg.global_batch_size != gbs:
+        raise UserError(
+            f"engine.global_batch_size={cfg.global_batch_size} but engine.micro_batch_size={cfg.micro_batch_size} x "
+            f"engine.grad_accum_steps={cfg.grad_accum_steps} x world_size={world_size} = {gbs}; "
+            "change one of them so the product matches"
+        )
+    return gbs
+
+
+def build_ds_config(cfg: EngineConfig, optim: OptimConfig, world_size: int) -> dict:
+    """The DeepSpeed config, generated from our typed config (saved as run_dir/ds_config.json).
+
+    No optimizer/scheduler sections: the engine passes its own AdamW and sets the lr every step.
+    """
+    ds = {
+        "train_batch_size": global_batch_size(cfg, world_size),
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": optim.grad_clip or 0.0,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        # bf16 weights/activations, but gradients summed over micro-batches and ranks in fp32.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class Engine:
+    """DeepSpeed training of one model; see the module docstring for the trainer-side code.
+
+    Attributes: rank, world_size, local_rank, is_main, device, step (optimizer steps done),
+    global_batch_size, base_lr, ds (the DeepSpeed engine; call it for forward passes under ZeRO-3),
+    module (the unwrapped model), optimizer (the torch AdamW inside DeepSpeed), run_dir, ckpt_dir.
+    """
+
+    def __init__(
+        self,
+        deepspeed,
+        model: nn.Module | Callable[[], nn.Module],
+        cfg: EngineConfig,
+        optim: OptimConfig,
+        *,
+        param_groups: list[dict] | None = None,
+        flops_per_sample: float | None = None,
+        config_to_save: Any = None,
+    ):
+        """Set up the process group, seeds, optimizer and DeepSpeed, and write the run's configs.
+
+        model: the model, or a zero-argument function building it (then built right after seeding,
+            identically on every rank). Rank 0's weights are broadcast to all ranks either way.
+        param_groups: AdamW groups (`params`, `weight_decay`, optional `lr_scale`); default
+            `optim.param_groups(model, optim.weight_decay, layer_decay=optim.layer_decay)`.
+        flops_per_sample: forward FLOPs of one sample, for MFU (training counts 3x).
+        config_to_save: the trainer's resolved config dataclass, written to run_dir/config.yaml.
+        """
+        self.cfg, self.optim_cfg = cfg, optim
+        self.rank, self.world_size, self.local_rank, self.device = init_distributed(
+            deepspeed, cfg.dist_backend
+        )
+        self.is_main = self.rank == 0
+        self.global_batch_size = global_batch_size(cfg, self.world_size)  # before any work
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / ckpt.CHECKPOINT_DIR
+        if not os.environ.get("SAPIENS_DS_VERBOSE"):
+            deepspeed.utils.logger.setLevel(logging.WARNING)
+
+        seed_everything(cfg.seed, rank=0)  # identical model init on every rank
+        if not isinstance(model, nn.Module):
+            model = model()
+        seed_everything(cfg.seed, rank=self.rank)  # then per-rank streams (masks, augmentation)
+        if cfg.activation_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise UserError(
+                    f"engine.activation_checkpointing=true but {type(model).__name__} has no set_grad_checkpointing()"
+                )
+            model.set_grad_checkpointing(True)
+
+        self.base_lr = scaled_lr(optim, self.global_batch_size)
+        groups = (
+            param_groups
+            if param_groups is not None
+            else default_param_groups(model, optim.weight_decay, layer_decay=optim.layer_decay)
+        )
+        for g in groups:
+            g.setdefault("lr_scale", 1.0)
+            g.setdefault("weight_decay", optim.weight_decay)
+        model.to(self.device)
+        broadcast_module(model)
+        adamw = torch.optim.AdamW(groups, lr=self.base_lr, betas=tuple(optim.betas), eps=optim.eps)
+        self.ds_config = build_ds_config(cfg, optim, self.world_size)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=adamw, config=self.ds_config, dist_init_required=False
+        )
+        self.module = self.ds.module
+
+        self.step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.nonfinite_skipped = 0
+        self.consecutive_nonfinite = 0
+        self.flops_per_sample = flops_per_sample
+        self.resumed_from: str | None = None
+        self._pending_rank_state: dict | None = None
+        self._data = None
+        self._data_iter = None
+        self._last_saved_step: int | None = None
+        self._peak: tuple[float, str] | None = None
+        self._logger: RunLogger | None = None
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if config_to_save is not None:
+                save_config(config_to_save, self.run_dir / "config.yaml")
+            _write_json(self.run_dir / "ds_config.json", self.ds_config)
+            if optim.lr is None:
+                lr_msg = f"lr = blr {optim.blr:g} x global batch {self.global_batch_size} / 256 = {self.base_lr:.4g}"
+            else:
+                lr_msg = f"lr = {self.base_lr:.4g} (absolute; blr unused)"
+            n_train = sum(p.numel() for g in groups for p in g["params"])
+            print(
+                f"[engine] world {self.world_size} on {self.device} ({self.ds_config['zero_optimization']}, "
+                f"{cfg.precision}); global batch {self.global_batch_size} = micro {cfg.micro_batch_size} x "
+                f"accum {cfg.grad_accum_steps} x world {self.world_size}\n[engine] {lr_msg}\n"
+                f"[engine] {n_train:,} trainable parameters in {len(groups)} AdamW groups:\n"
+                f"{describe_param_groups(groups)}",
+                flush=True,
+            )
+
+    # ---- learning rate ----
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.optim_cfg, self.base_lr, self.cfg.total_steps)
+
+    def _set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
+    # ---- data ----
+
+    def _start_data(self, data: Iterable) -> None:
+        """Position `data` where this run stands: a fresh epoch 0, or the resumed checkpoint's place."""
+        self._data, self._data_iter = data, None
+        state = self._pending_rank_state
+        if state is None:
+            if hasattr(data, "set_epoch"):
+                data.set_epoch(self.epoch)
+            return
+        if state.get("data") is not None and hasattr(data, "load_state_dict"):
+            data.load_state_dict(state["data"])
+            return
+        # No resumable state: replay this epoch up to where the checkpoint was (deterministic sources).
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(self.epoch)
+        self._data_iter = iter(data)
+        for _ in range(self.batches_in_epoch):
+            try:
+                next(self._data_iter)
+            except StopIteration:
+                break
+
+    def _next_batch(self) -> Any:
+        for _ in range(2):
+            if self._data_iter is None:
+                self._data_iter = iter(self._data)
+            try:
+                batch = next(self._data_iter)
+            except StopIteration:
+                if self.batches_in_epoch == 0:
+                    break
+                self.epoch += 1
+                self.batches_in_epoch = 0
+                if hasattr(self._data, "set_epoch"):
+                    self._data.set_epoch(self.epoch)
+                self._data_iter = None
+                continue
+            self.batches_in_epoch += 1
+            return batch
+        raise UserError(f"the training data yielded no batches in epoch {self.epoch} on rank {self.rank}")
+
+    def _data_state(self) -> dict:
+        data = self._data
+        return {
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "data": data.state_dict() if data is not None and hasattr(data, "state_dict") else None,
+        }
+
+    # ---- one optimizer step ----
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            # Parameters are bf16 (DeepSpeed); autocast casts fp32 inputs and keeps losses/norms in fp32.
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self, step_fn: StepFn) -> tuple[dict[str, float], Any]:
+        """grad_accum_steps finite micro-batches -> one DeepSpeed optimizer step; returns (metrics, last batch)."""
+        sums: dict[str, float] = {}
+        done = 0
+        batch = None
+        while done < self.cfg.grad_accum_steps:
+            batch = _to_device(self._next_batch(), self.device)
+            with self._autocast():
+                loss, metrics = step_fn(self.ds, batch)
+            bad = torch.tensor(
+                [0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=self.device
+            )
+            if all_reduce(bad, "max").item() > 0:
+                del loss  # dropped on every rank so that backward's collectives stay matched
+                self._on_nonfinite()
+                continue
+            self.consecutive_nonfinite = 0
+            self.ds.backward(loss)
+            self.ds.step()  # DeepSpeed updates only at the accumulation boundary
+            done += 1
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {k: v / self.cfg.grad_accum_steps for k, v in sums.items()}, batch
+
+    def _on_nonfinite(self) -> None:
+        self.nonfinite_skipped += 1
+        self.consecutive_nonfinite += 1
+        n = self.consecutive_nonfinite
+        if self._logger is not None:
+            self._logger.info(
+                f"[engine] step {self.step + 1}: non-finite loss, micro-batch dropped ({n} in a row)"
+            )
+        if n >= self.cfg.max_nonfinite:
+            tag = self.save_checkpoint()
+            raise UserError(
+                f"{n} consecutive non-finite losses before step {self.step + 1} (engine.max_nonfinite="
+                f"{self.cfg.max_nonfinite}); saved checkpoint {self.ckpt_dir / tag}. Lower the lr "
+                "(optim.blr / optim.lr), set optim.grad_clip, or check the data"
+            )
+
+    # ---- the loop ----
+
+    def fit(self, data: Iterable, step_fn: StepFn, *, hooks: Sequence[Hook] = ()) -> dict:
+        """Train until cfg.total_steps optimizer steps; returns a summary dict.
+
+        data: micro-batches for this rank (optionally with set_epoch/state_dict/load_state_dict).
+        step_fn(model, batch) -> (loss, metrics): the forward pass only; `model` is the DeepSpeed
+            engine (call it like the module), `batch` is already on `engine.device`.
+        hooks: called as hook(engine, step, last_batch, metrics) when step % hook.every == 0.
+        """
+        cfg = self.cfg
+        self._start_data(data)
+        if self._pending_rank_state is not None:
+            set_rng_state(self._pending_rank_state["rng"])  # last, so nothing above shifts the streams
+            self._pending_rank_state = None
+        self._logger = RunLogger(
+            self.run_dir,
+            enabled=self.is_main,
+            total_steps=cfg.total_steps,
+            initial_step=self.step,
+            tensorboard=cfg.tensorboard,
+            progress=cfg.progress,
+        )
+        if self.flops_per_sample and self._peak is None and self.is_main:
+            self._peak = peak_tflops(self.device, cfg.precision, cfg.peak_tflops)
+            self._logger.info(
+                f"[engine] peak {self._peak[0]:.3g} TFLOP/s per device ({self._peak[1]}) for MFU"
+            )
+        self.ds.train()
+        start_step, t_start = self.step, time.perf_counter()
+        t_log, steps_since_log = t_start, 0
+        window: dict[str, float] = {}
+        logged: dict[str, Any] = {}
+        try:
+            while self.step < cfg.total_steps:
+                lr = self.lr_at(self.step)
+                self._set_lr(lr)
+                metrics, batch = self._train_step(step_fn)
+                self.step += 1
+                steps_since_log += 1
+                for k, v in metrics.items():
+                    window[k] = window.get(k, 0.0) + v
+                if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                    now = time.perf_counter()
+                    logged = self._log(window, steps_since_log, now - t_log, lr)
+                    t_log, steps_since_log, window = now, 0, {}
+                for hook in hooks:
+                    if self.step % hook.every == 0:
+                        hook(self, self.step, batch, metrics)
+                        self.ds.train()  # a hook may have switched to eval mode
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
+                    self.save_checkpoint()
+                self._logger.advance()
+        finally:
+            self._logger.close()
+        seconds = time.perf_counter() - t_start
+        steps = self.step - start_step
+        return {
+            "steps": self.step,
+            "steps_this_run": steps,
+            "final_loss": logged.get("loss"),
+            "img_per_s": steps * self.global_batch_size / seconds if seconds > 0 else None,
+            "seconds": seconds,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "resumed_from": self.resumed_from,
+        }
+
+    def _log(self, window: dict[str, float], n_steps: int, seconds: float, lr: float) -> dict:
+        """Average the window's metrics over steps and ranks, add throughput/MFU, write them (rank 0)."""
+        keys = sorted(window)  # the same keys on every rank
+        t = torch.tensor([window[k] / n_steps for k in keys], dtype=torch.float64, device=self.device)
+        all_reduce(t, "mean")
+        values: dict[str, Any] = dict(zip(keys, t.tolist()))
+        img_per_s = n_steps * self.global_batch_size / seconds if seconds > 0 else 0.0
+        values.update(lr=lr, img_per_s=img_per_s, epoch=self.epoch, nonfinite_skipped=self.nonfinite_skipped)
+        data_skipped = getattr(self._data, "num_skipped", None)
+        if data_skipped is not None:
+            values["data_skipped"] = int(data_skipped)
+        if self._peak is not None:
+            values["mfu"] = mfu(self.flops_per_sample, img_per_s, self._peak[0], self.world_size)
+        self._logger.log(self.step, values)
+        return values
+
+    # ---- checkpoints ----
+
+    def save_checkpoint(self, tag: str | None = None) -> str:
+        """Save on every rank (DeepSpeed needs all), then mark it `latest` and prune old ones. Returns the tag."""
+        tag = tag or ckpt.tag_for_step(self.step)
+        client_state = {"step": self.step, "epoch": self.epoch, "nonfinite_skipped": self.nonfinite_skipped}
+        self.ds.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        rank_path = ckpt.rank_state_path(self.ckpt_dir, tag, self.rank)
+        rank_path.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.save_rank_state(
+            rank_path,
+            {
+                "step": self.step,
+                "world_size": self.world_size,
+                "nonfinite_skipped": self.nonfinite_skipped,
+                "rng": rng_state(),
+                **self._data_state(),
+            },
+        )
+        barrier()  # every rank's files are complete before `latest` names them
+        if self.is_main:
+            ckpt.write_latest(self.ckpt_dir, tag)
+            ckpt.prune(self.ckpt_dir, self.cfg.keep_last, keep=tag)
+        barrier()
+        self._last_saved_step = self.step
+        return tag
+
+    def resume(self, tag: str | None = None) -> bool:
+        """Load the `latest` (or given) checkpoint of run_dir; False if there is none.
+
+        Restores model, optimizer, step (hence the lr), and, at the start of `fit`, this rank's RNG
+        states and data position. A missing/corrupt checkpoint raises UserError naming it.
+        """
+        tag = tag or ckpt.read_latest(self.ckpt_dir)
+        if tag is None:
+            return False
+        ckpt.validate_checkpoint(self.ckpt_dir, tag, self.rank)
+        state = ckpt.load_rank_state(ckpt.rank_state_path(self.ckpt_dir, tag, self.rank))
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise UserError(
+                f"{self.ckpt_dir / tag} was saved by {state['world_size']} ranks, this run has {self.world_size}"
+            )
+        try:
+            load_path, _ = self.ds.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        except Exception as e:
+            raise UserError(
+                f"{self.ckpt_dir / tag}: cannot load checkpoint ({type(e).__name__}: {e})"
+            ) from None
+        if load_path is None:
+            raise UserError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.nonfinite_skipped = int(state["nonfinite_skipped"])
+        self._pending_rank_state = state
+        self._last_saved_step = self.step
+        self.resumed_from = tag
+        if self.is_main:
+            print(f"[engine] resumed from {self.ckpt_dir / tag} at step {self.step}", flush=True)
+        return True
