@@ -143,31 +143,40 @@ def run_compare(args) -> None:
 
     ours, cfg = build_ours(args)
     flops_per_img = mae_train_flops(cfg)
-    results = {}
-    order = ["ours", "transformers"] if not args.reference_first else ["transformers", "ours"]
-    for name in order:
-        gc.collect()
+    models = {"ours": ours, "transformers": build_reference(args, cfg)}
+    steps, results = {}, {}
+    for name, model in models.items():
         is_ours = name == "ours"
-        model = ours if is_ours else build_reference(args, cfg)
         if is_ours and args.checkpointing:
             model.set_grad_checkpointing(True)
         model.to(device).train()
         opt, opt_name = optimizer_for(model, device, fused=is_ours)
         fwd = torch.compile(model) if args.compile else model
-        step = make_step(fwd, opt, imgs, dtype, device, is_ours, non_square)
-        try:
-            times = time_steps(step, device, args.warmup, args.steps)
-        except Exception as e:  # keep the other implementation's figure when one fails (e.g. OOM)
-            print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        steps[name] = (make_step(fwd, opt, imgs, dtype, device, is_ours, non_square), opt_name)
+    # Interleave the two (A, B, A, B, ...): on a shared or throttling machine both see the same load.
+    times = {name: [] for name in steps}
+    failed = set()
+    for i in range(args.warmup + args.steps):
+        for name, (step, _) in steps.items():
+            if name in failed:
+                continue
+            try:
+                t = time_steps(step, device, 0, 1)[0]
+            except Exception as e:  # keep the other implementation's figure when one fails (e.g. OOM)
+                print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                failed.add(name)
+                continue
+            if i >= args.warmup:
+                times[name].append(t)
+    peak = max(peak, measure_matmul_peak(device, dtype))  # best of before / after
+    for name, (step, opt_name) in steps.items():
+        if name in failed:
             results[name] = None
-        else:
-            med = statistics.median(times)
-            results[name] = dict(step_s=med, img_s=args.batch / med, opt=opt_name)
-            if args.profile:
-                profile(step, device, name)
-        del model, opt, step, fwd
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            continue
+        med = statistics.median(times[name])
+        results[name] = dict(step_s=med, img_s=args.batch / med, opt=opt_name)
+        if args.profile:
+            profile(step, device, name)
 
     n_params = sum(p.numel() for p in ours.parameters())
     print(
@@ -255,7 +264,6 @@ def main(argv=None) -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both models")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per implementation")
-    p.add_argument("--reference-first", action="store_true", help="time transformers first (order check)")
     p.add_argument("--find-largest", action="store_true", help="largest batch of sapiens_0.3b..2b in --memory-gb")
     p.add_argument("--memory-gb", type=float, default=80.0)
     p.add_argument("--max-batch", type=int, default=256)

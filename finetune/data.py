@@ -22,9 +22,11 @@ Webdataset shards (sapiens_lite.data.stream) hold KEY.jpg + KEY.json ({"annotati
 sample's seed when the image has several).
 
 Bad input: a keypoint count that does not match the scheme is an error (UserError naming the file);
-degenerate boxes (w or h <= 0, NaN), people without labelled keypoints (training only), crowd
-annotations and people whose image file is missing are skipped, logged once with their count, and
-counted in `dataset.skipped` (reason -> count).
+degenerate boxes (w or h <= 0, NaN: "no_area"), people without labelled keypoints (training only:
+"no_keypoints"), crowd annotations and people whose image file is missing ("missing_image") are
+skipped, logged once with their counts, and counted in `dataset.skipped` (reason -> count; the COCO
+reader's reasons, sapiens_lite.data.coco, are merged in). An image that exists but cannot be decoded
+raises UserError naming it when its item is loaded.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -43,6 +44,7 @@ import torch
 
 from sapiens_lite import topdown
 from sapiens_lite.codec import encode_heatmaps
+from sapiens_lite.data.coco import _raw_keypoints, load_coco_keypoints
 from sapiens_lite.errors import UserError
 from sapiens_lite.keypoints import KeypointScheme, get_scheme
 
@@ -85,7 +87,14 @@ class AugmentConfig:
 
     def __post_init__(self):
         self.scale_range = tuple(self.scale_range)
-        for name in ("flip_prob", "half_body_prob", "half_body_upper_prob", "shift_prob", "scale_prob", "rotate_prob"):
+        for name in (
+            "flip_prob",
+            "half_body_prob",
+            "half_body_upper_prob",
+            "shift_prob",
+            "scale_prob",
+            "rotate_prob",
+        ):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -327,68 +336,24 @@ def validate_people(
             )
         b = np.asarray(p.bbox, dtype=np.float64).reshape(-1)
         if b.shape != (4,) or not np.all(np.isfinite(b)) or b[2] <= 0 or b[3] <= 0:
-            skipped["degenerate box"] += 1
+            skipped["no_area"] += 1
             continue
         if not np.all(np.isfinite(kp)):
-            skipped["non-finite keypoints"] += 1
+            skipped["nonfinite_keypoints"] += 1
             continue
         if train and not np.any(kp[:, 2] > 0):
-            skipped["no labelled keypoints"] += 1
+            skipped["no_keypoints"] += 1
             continue
         if check_files:
             if p.image_path not in exists:
                 exists[p.image_path] = os.path.isfile(p.image_path)
             if not exists[p.image_path]:
-                skipped["image missing"] += 1
+                skipped["missing_image"] += 1
                 continue
         kept.append(p)
     if skipped:
         log.warning("%s: skipped %d people (%s)", source, sum(skipped.values()), dict(skipped))
     return kept, skipped
-
-
-def people_from_coco_json(
-    json_path: str | os.PathLike, image_root: str | os.PathLike | None = None
-) -> tuple[list[PersonSample], Counter]:
-    """People of a COCO-format keypoint JSON (17 / 133 / 308 keypoints; crowd annotations skipped).
-
-    WholeBody files keep body, feet, face and hands in separate fields; they are concatenated in the
-    COCO-WholeBody order (body 17, foot 6, face 68, left hand 21, right hand 21).
-    """
-    path = Path(json_path)
-    if not path.is_file():
-        raise UserError(f"{path}: annotation file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise UserError(f"{path}: expected a COCO keypoint file with 'images' and 'annotations'")
-    root = Path(image_root) if image_root is not None else path.parent
-    files = {im["id"]: im["file_name"] for im in data["images"]}
-    people, skipped = [], Counter()
-    for ann in data["annotations"]:
-        if ann.get("iscrowd", 0):
-            skipped["crowd"] += 1
-            continue
-        if ann.get("image_id") not in files:
-            raise UserError(f"{path}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')}")
-        flat = list(ann.get("keypoints", []))
-        for part in ("foot_kpts", "face_kpts", "lefthand_kpts", "righthand_kpts"):
-            flat += list(ann.get(part, []))
-        if len(flat) % 3:
-            raise UserError(f"{path}: annotation {ann.get('id')} has {len(flat)} keypoint values, not a multiple of 3")
-        bbox = ann.get("bbox", [np.nan] * 4)
-        people.append(
-            PersonSample(
-                image_path=str(root / files[ann["image_id"]]),
-                bbox=np.asarray(bbox if len(bbox) == 4 else [np.nan] * 4, dtype=np.float64),
-                keypoints=np.asarray(flat, dtype=np.float64).reshape(-1, 3),
-                image_id=int(ann["image_id"]),
-                ann_id=int(ann.get("id", -1)),
-            )
-        )
-    return people, skipped
 
 
 class TopDownDataset(torch.utils.data.Dataset):
@@ -435,10 +400,19 @@ class TopDownDataset(torch.utils.data.Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
     ) -> TopDownDataset:
-        people, skipped = people_from_coco_json(json_path, image_root)
-        spec = TargetSpec(get_scheme(scheme), tuple(input_size), sigma, tuple(mean), tuple(std))
-        ds = cls(people, spec, train=train, augment=augment, seed=seed, source=str(json_path))
-        ds.skipped.update(skipped)
+        data = load_coco_keypoints(json_path, image_root, scheme, require_keypoints=train)
+        people = [
+            PersonSample(str(img.path), p.bbox, p.keypoints, image_id=img.image_id, ann_id=p.annotation_id)
+            for img in data.images
+            for p in img.people
+        ]
+        spec = TargetSpec(data.scheme, tuple(input_size), sigma, tuple(mean), tuple(std))
+        ds = cls(
+            people, spec, train=train, augment=augment, seed=seed, source=str(json_path), check_files=False
+        )
+        ds.skipped.update({reason: n for reason, n in data.skipped.items() if n})
+        if any(data.skipped.values()):
+            log.warning("%s", data.summary())
         return ds
 
     @classmethod
@@ -506,9 +480,7 @@ class StreamDecoder:
         for ann in anns:
             if ann.get("iscrowd", 0):
                 continue
-            flat = list(ann.get("keypoints", []))
-            for part in ("foot_kpts", "face_kpts", "lefthand_kpts", "righthand_kpts"):
-                flat += list(ann.get(part, []))
+            flat = _raw_keypoints(ann, where)  # COCO-WholeBody parts joined in the 133 order
             if len(flat) % 3:
                 raise UserError(f"{where}: annotation {ann.get('id')} has {len(flat)} keypoint values")
             people.append(
@@ -529,7 +501,9 @@ class StreamDecoder:
         rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF])
         person = people[int(rng.integers(len(people)))]
         img = decode_image_bytes(sample[self.image_key], where)
-        return make_item(img, person, self.spec, self.augment if self.train else None, rng if self.train else None)
+        return make_item(
+            img, person, self.spec, self.augment if self.train else None, rng if self.train else None
+        )
 
 
 def build_pose_stream(wds, cfg, **kwargs):

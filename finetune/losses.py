@@ -61,7 +61,9 @@ class KeypointOHKMMSELoss(nn.Module):
         """pred, target: [B, K, h, w]; target_weight: [B, K] -> scalar."""
         num_keypoints = pred.shape[1]
         if num_keypoints < self.topk:
-            raise ValueError(f"ohkm_mse: topk={self.topk} is larger than the number of keypoints {num_keypoints}")
+            raise ValueError(
+                f"ohkm_mse: topk={self.topk} is larger than the number of keypoints {num_keypoints}"
+            )
         w = target_weight.float()[:, :, None, None]
         per_kpt = ((pred.float() * w - target.float() * w) ** 2).mean(dim=(2, 3))  # [B, K]
         hardest = per_kpt.topk(self.topk, dim=1, sorted=False).values  # [B, topk]

@@ -137,6 +137,7 @@ def run_pack_command(args) -> int:
             scheme=args.scheme,
             people=_parse_people(args.people),
             workers=args.workers,
+            progress=not args.no_progress,
         )
     index = pack(items, source, args.out, options, progress=not args.no_progress)
     print(

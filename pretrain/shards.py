@@ -198,7 +198,9 @@ def _person_annotation(person) -> dict:
     return ann
 
 
-def synthesize_source(out_dir: Path, num_images: int, *, seed: int, size, scheme: str, people, workers: int):
+def synthesize_source(
+    out_dir: Path, num_images: int, *, seed: int, size, scheme: str, people, workers: int, progress: bool = True
+):
     """Synthesize into out_dir/.synth (reused by a resumed run) and collect it as a COCO source."""
     from sapiens_lite.data.synth import synthesize
 
@@ -217,7 +219,7 @@ def synthesize_source(out_dir: Path, num_images: int, *, seed: int, size, scheme
             scheme=scheme,
             people=people,
             workers=workers,
-            progress=True,
+            progress=progress,
         )
         _atomic_write_text(stamp, json.dumps(request))
     items, source = collect_coco(ann, synth_dir / "images")
@@ -324,11 +326,17 @@ def write_shard(task: ShardTask) -> ShardInfo:
     annotations = 0
     with open(tmp, "wb") as f:
         writer = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="sapiens", group="sapiens")
-        for item in task.items:
-            jpg, meta = encode_sample(item, task.options)
-            annotations += len(meta.get("annotations", []))
-            payload = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-            writer.write({"__key__": item.key, "jpg": jpg, "json": payload})
+        try:
+            for item in task.items:
+                jpg, meta = encode_sample(item, task.options)
+                annotations += len(meta.get("annotations", []))
+                payload = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+                writer.write({"__key__": item.key, "jpg": jpg, "json": payload})
+        except BaseException:
+            writer.close()
+            f.close()
+            os.unlink(tmp)  # a kill -9 can still leave a *.tmp; the next run deletes it
+            raise
         writer.close()
         f.flush()
         os.fsync(f.fileno())

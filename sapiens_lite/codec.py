@@ -137,7 +137,6 @@ def refine_dark_udp(
     x0 = keypoints.reshape(n, 2)[:, 0].long()
     y0 = keypoints.reshape(n, 2)[:, 1].long()
 
-    half = blur_kernel_size // 2
     size = 4 + blur_kernel_size  # patch giving blurred values on a 5x5 grid around the argmax
     offs = torch.arange(size, device=device) - (size // 2)
     rows = y0[:, None] + offs  # [N, P]

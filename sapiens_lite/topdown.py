@@ -36,7 +36,9 @@ def check_bbox_xywh(bbox, where: str = "bbox") -> np.ndarray:
     """Validate a box (x, y, w, h) in the image frame; raise UserError naming `where` if degenerate."""
     b = np.asarray(bbox, dtype=np.float64).reshape(-1)
     if b.shape != (4,) or not np.all(np.isfinite(b)) or b[2] <= 0 or b[3] <= 0:
-        raise UserError(f"{where}: degenerate box {np.asarray(bbox).tolist()} (need finite x, y, w > 0, h > 0)")
+        raise UserError(
+            f"{where}: degenerate box {np.asarray(bbox).tolist()} (need finite x, y, w > 0, h > 0)"
+        )
     return b
 
 
@@ -154,7 +156,9 @@ def crop_person(
     return warp_image(img, m, input_size), m, center, scale
 
 
-def input_to_image(points: np.ndarray, center, scale, input_size: tuple[int, int], rot: float = 0.0) -> np.ndarray:
+def input_to_image(
+    points: np.ndarray, center, scale, input_size: tuple[int, int], rot: float = 0.0
+) -> np.ndarray:
     """Points [..., 2+] in the input frame -> the image frame, for a crop made from (center, scale, rot).
 
     Exact inverse of `get_udp_warp_matrix`. For rot = 0 this is the same as mmpose's

@@ -52,7 +52,7 @@ class Hints:
     head: dict | None = None
     """Pose head: {"kind": "sapiens" | "vitpose" | "simple", "num_keypoints": K, ...channel sizes}."""
     decoder: dict | None = None
-    """MAE decoder: {"embed_dim": D', "depth": n, "num_patches_plus_cls": L}."""
+    """MAE decoder: {"embed_dim": D', "depth": n} (its number of heads is not in the weights)."""
 
     @property
     def img_size(self) -> tuple[int, int]:

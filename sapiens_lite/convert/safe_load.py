@@ -24,6 +24,7 @@ classic `os.system` payload) fails to load, which we report as a `UserError`.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -80,6 +81,10 @@ def _numpy_globals() -> dict[str, Any]:
 
 def _allow_list(path: Path) -> list[tuple[Any, str]]:
     """(object, pickle name) for every global in the file that torch does not allow by default."""
+    if not hasattr(
+        torch.serialization, "get_unsafe_globals_in_checkpoint"
+    ):  # torch < 2.5: plain weights_only
+        return []
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except ValueError:  # legacy (pre-zip) torch.save format: no static scan, plain weights_only load
@@ -111,7 +116,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
         )
     try:
         allowed = _allow_list(path)
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext():
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
         if not _is_zip(path):  # neither torch's zip format nor a readable legacy pickle

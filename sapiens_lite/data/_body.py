@@ -327,9 +327,9 @@ _LIP_T = {"midpoint_3": 0.25, "midpoint_1": 0.5, "midpoint_4": 0.75}
 
 
 def _face_spec(name: str):
-    """Recipe for a right-side or midline face keypoint: ("surf"|"nose", key) or ("ear"/"iris", ...).
-
-    Returns None for names that are not face points (body, hands)."""
+    """Recipe for a right-side (subject's right, x < 0) or midline face keypoint, as a tuple
+    (kind, *args) that `_face_point` evaluates: kinds nose / fixed / jaw / eye / brow / lip / iris / ear /
+    eye_center. Returns None for names that are not such face points (body, hands, left-side names)."""
     if name in ("nose", "tip_of_nose"):
         return ("nose", 0.0, 0.28, _nose_bridge(0.28))
     if name == "right_eye":
@@ -607,19 +607,18 @@ _FINGER_GEOM = {
 }
 
 
-def _sphere_samples(n_ring: int = 8, n_per: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-sphere sample points (for silhouettes and the hair cap)."""
+def _sphere_samples(n_ring: int = 12, n_per: int = 24) -> np.ndarray:
+    """Unit-sphere sample points [N, 3] (head silhouette = hull of the projected points; hair caps)."""
     pts = [(0.0, -1.0, 0.0), (0.0, 1.0, 0.0)]
     for i in range(1, n_ring):
         th = math.pi * i / n_ring
         for j in range(n_per):
             ph = 2 * math.pi * (j + 0.5 * (i % 2)) / n_per
             pts.append((math.sin(th) * math.cos(ph), -math.cos(th), math.sin(th) * math.sin(ph)))
-    p = np.array(pts)
-    return p, p.copy()
+    return np.array(pts)
 
 
-_SPHERE, _ = _sphere_samples()
+_SPHERE = _sphere_samples()
 _HAIR_TOP = _SPHERE[:, 1] < -0.45
 _HAIR_BACK = (_SPHERE[:, 2] < -0.35) & (_SPHERE[:, 1] < 0.45)
 
@@ -711,7 +710,9 @@ def build_figure(p: PersonParams) -> Figure:
             head_cmds.append(("hull", sph_w[vis], "hair", False))
     if facing > -0.2:
         head_cmds += _face_commands(ibug, (inrm @ Rh.T)[:, 2], kp, idx, hidden, p.head)
-    parts.append((PART_ID["head"], float(head_c[2]), head_cmds))
+    # the neck capsule reaches the head centre: always draw the head over it
+    neck_depth = float((neck_base[2] + neck_top[2]) / 2) - 0.01
+    parts.append((PART_ID["head"], max(float(head_c[2]), neck_depth + 1e-4), head_cmds))
 
     # arms and hands
     for side, s in (("left", 1.0), ("right", -1.0)):

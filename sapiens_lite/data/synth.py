@@ -81,9 +81,9 @@ def to_scheme(kp308: np.ndarray, ibug: np.ndarray, scheme: str) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _keypoint_parts() -> tuple[np.ndarray, np.ndarray]:
-    """Own parts of each of the 308 + 68 points ([N, 3] part ids, -1 padded): a point is visible when
-    the pixel under it shows one of these parts."""
+def _keypoint_parts() -> np.ndarray:
+    """Own parts of each of the 308 + 68 points ([376, 3] part ids, -1 padded): a point is visible when
+    the pixel under it shows one of these parts (or a part drawn behind them)."""
     goliath = get_scheme("goliath308")
     P = _body.PART_ID
     table = []
@@ -110,8 +110,8 @@ def _keypoint_parts() -> tuple[np.ndarray, np.ndarray]:
         else:
             own = ["head"]
         table.append([P[o] for o in own] + [-1] * (3 - len(own)))
-    table += [[P["head"], -1, -1]] * 68
-    return np.array(table), np.array([[P["head"], -1, -1]] * 68)
+    table += [[P["head"], -1, -1]] * 68  # the iBUG face points
+    return np.array(table)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def render_sample(
 
     n = int(rng.integers(people[0], people[1] + 1))
     figures, rank = [], 0
-    part_table, _ = _keypoint_parts()
+    part_table = _keypoint_parts()
     for _ in range(n):
         fig = _body.build_figure(_body.sample_person(rng, yaw_range=yaw_range))
         palette = sample_palette(rng)

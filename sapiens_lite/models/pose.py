@@ -30,7 +30,7 @@ from sapiens_lite.codec import flip_heatmaps
 from sapiens_lite.errors import UserError
 from sapiens_lite.hub import HubMixin
 from sapiens_lite.keypoints import get_scheme
-from sapiens_lite.models.vit import ViTConfig, VisionTransformer
+from sapiens_lite.models.vit import VisionTransformer, ViTConfig
 
 HEATMAP_STRIDE = 4  # heatmaps are 1/4 of the input: 16x patches upsampled 4x by the head
 DEFAULT_CHANNELS = {"sapiens": 768, "vitpose": 256, "simple": None}
@@ -107,10 +107,14 @@ class SapiensHead(nn.Module):
         super().__init__()
         # Index layout 0: conv, 1: InstanceNorm, 2: SiLU, 3: conv, ... matches the checkpoints' keys.
         self.deconv_layers = nn.Sequential(
-            nn.ConvTranspose2d(in_channels, channels, kernel_size=4, stride=2, padding=1, output_padding=0, bias=False),
+            nn.ConvTranspose2d(
+                in_channels, channels, kernel_size=4, stride=2, padding=1, output_padding=0, bias=False
+            ),
             nn.InstanceNorm2d(channels),
             nn.SiLU(inplace=True),
-            nn.ConvTranspose2d(channels, channels, kernel_size=4, stride=2, padding=1, output_padding=0, bias=False),
+            nn.ConvTranspose2d(
+                channels, channels, kernel_size=4, stride=2, padding=1, output_padding=0, bias=False
+            ),
             nn.InstanceNorm2d(channels),
             nn.SiLU(inplace=True),
         )
@@ -136,7 +140,9 @@ class VitPoseClassicHead(nn.Module):
 
     def __init__(self, in_channels: int, num_keypoints: int, channels: int = 256):
         super().__init__()
-        self.deconv1 = nn.ConvTranspose2d(in_channels, channels, kernel_size=4, stride=2, padding=1, bias=False)
+        self.deconv1 = nn.ConvTranspose2d(
+            in_channels, channels, kernel_size=4, stride=2, padding=1, bias=False
+        )
         self.batchnorm1 = nn.BatchNorm2d(channels)
         self.relu1 = nn.ReLU()
         self.deconv2 = nn.ConvTranspose2d(channels, channels, kernel_size=4, stride=2, padding=1, bias=False)
@@ -222,7 +228,9 @@ class PoseModel(nn.Module, HubMixin):
 
     # ---- checkpoints ----
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict", strict: bool = True):
+    def load_weights(
+        self, state_dict: dict[str, torch.Tensor], source: str = "state dict", strict: bool = True
+    ):
         """Load a (converted) state dict with `backbone.` + `head.` keys, first checking the head's K."""
         check_head_keypoints(state_dict, self.config, source)
         return self.load_state_dict(state_dict, strict=strict)

@@ -24,7 +24,9 @@ from sapiens_lite.keypoints import get_scheme
 
 SCHEME = get_scheme("coco17")
 INPUT = (64, 48)
-NO_AUG = AugmentConfig(flip_prob=0, half_body_prob=0, shift_prob=0, scale_prob=0, rotate_prob=0, photometric=False)
+NO_AUG = AugmentConfig(
+    flip_prob=0, half_body_prob=0, shift_prob=0, scale_prob=0, rotate_prob=0, photometric=False
+)
 
 
 def _person_image(tmp_path, name="img.png", size=(240, 320), seed=0):
@@ -68,7 +70,10 @@ def test_val_crop_and_keypoints_agree_and_invert(tmp_path):
     assert sw / sh == pytest.approx(48 / 64) and min(sw / bw, sh / bh) == pytest.approx(1.25)
     # Input-frame keypoints -> image frame through the inverse warp gives the annotations back.
     back = codec.keypoints_to_image(
-        item["keypoints"][None].numpy(), item["meta"]["center"][None].numpy(), item["meta"]["scale"][None].numpy(), INPUT
+        item["keypoints"][None].numpy(),
+        item["meta"]["center"][None].numpy(),
+        item["meta"]["scale"][None].numpy(),
+        INPUT,
     )[0]
     np.testing.assert_allclose(back, person.keypoints[:, :2], atol=1e-6)
     # Heatmap maxima sit at the keypoints (heatmap frame = input frame * (h-1)/(H-1)).
@@ -82,7 +87,13 @@ def test_augmented_crops_keep_each_keypoint_on_its_own_dot(tmp_path, seed):
     """Flip, rotation, scale, shift: the dot under input keypoint i is keypoint i's (flip_index when flipped)."""
     person, _ = _person_image(tmp_path, size=(480, 640), seed=seed)
     aug = AugmentConfig(flip_prob=0.5, half_body_prob=0, photometric=False, scale_range=(0.9, 1.1))
-    ds = TopDownDataset([person], TargetSpec(SCHEME, (256, 192), 2.0, (0, 0, 0), (1, 1, 1)), train=True, augment=aug, seed=seed)
+    ds = TopDownDataset(
+        [person],
+        TargetSpec(SCHEME, (256, 192), 2.0, (0, 0, 0), (1, 1, 1)),
+        train=True,
+        augment=aug,
+        seed=seed,
+    )
     flips, checked = set(), 0
     for epoch in range(4):
         ds.set_epoch(epoch)
@@ -96,13 +107,17 @@ def test_augmented_crops_keep_each_keypoint_on_its_own_dot(tmp_path, seed):
             src = SCHEME.flip_index[i] if flipped else i
             red, green = _red_at(item, xy)
             assert green > 100, f"keypoint {i} is not on a dot (epoch {epoch})"
-            assert abs(red - (60 + 10 * src)) <= 6, f"keypoint {i} sits on dot {round((red - 60) / 10)}, expected {src}"
+            assert abs(red - (60 + 10 * src)) <= 6, (
+                f"keypoint {i} sits on dot {round((red - 60) / 10)}, expected {src}"
+            )
     assert checked >= 40
 
 
 def test_flip_maps_back_to_the_annotation(tmp_path):
     person, img = _person_image(tmp_path)
-    aug = AugmentConfig(flip_prob=1.0, half_body_prob=0, shift_prob=0, scale_prob=0, rotate_prob=0, photometric=False)
+    aug = AugmentConfig(
+        flip_prob=1.0, half_body_prob=0, shift_prob=0, scale_prob=0, rotate_prob=0, photometric=False
+    )
     item = TopDownDataset([person], _spec(), train=True, augment=aug)[0]
     assert item["meta"]["flipped"] is True
     back = codec.keypoints_to_image(
@@ -169,7 +184,9 @@ def test_half_body_uses_the_scheme_halves():
 
 def test_truncnorm_and_rng():
     x = truncnorm(np.random.default_rng(0), (10000,))
-    assert np.abs(x).max() <= 1 and abs(x.mean()) < 0.03 and 0.53 < x.std() < 0.55  # N(0, 1) cut at +-1: std 0.5396
+    assert (
+        np.abs(x).max() <= 1 and abs(x.mean()) < 0.03 and 0.53 < x.std() < 0.55
+    )  # N(0, 1) cut at +-1: std 0.5396
     assert item_rng(1, 2, 3).random() == item_rng(1, 2, 3).random() != item_rng(1, 2, 4).random()
 
 
@@ -181,7 +198,7 @@ def test_bad_people_are_counted_or_rejected(tmp_path):
     unlabelled = PersonSample(good.image_path, good.bbox, good.keypoints * [1, 1, 0], ann_id=5)
     ds = TopDownDataset([good, zero_w, nan_box, missing, unlabelled], _spec(), train=True)
     assert len(ds) == 1
-    assert ds.skipped == Counter({"degenerate box": 2, "image missing": 1, "no labelled keypoints": 1})
+    assert ds.skipped == Counter({"no_area": 2, "missing_image": 1, "no_keypoints": 1})
     wrong_k = PersonSample(good.image_path, good.bbox, np.zeros((133, 3)), ann_id=9)
     with pytest.raises(UserError, match=r"annotation 9 .*\(133, 3\), expected \(17, 3\)"):
         TopDownDataset([good, wrong_k], _spec(), train=True, source="train.json")
@@ -194,9 +211,23 @@ def test_from_coco_json(tmp_path):
     ann = {
         "images": [{"id": 1, "file_name": "img.png", "width": 320, "height": 240}],
         "annotations": [
-            {"id": 7, "image_id": 1, "bbox": person.bbox.tolist(), "keypoints": person.keypoints.ravel().tolist(),
-             "num_keypoints": 17, "iscrowd": 0, "category_id": 1},
-            {"id": 8, "image_id": 1, "bbox": [1, 1, 5, 5], "keypoints": [0] * 51, "iscrowd": 1, "category_id": 1},
+            {
+                "id": 7,
+                "image_id": 1,
+                "bbox": person.bbox.tolist(),
+                "keypoints": person.keypoints.ravel().tolist(),
+                "num_keypoints": 17,
+                "iscrowd": 0,
+                "category_id": 1,
+            },
+            {
+                "id": 8,
+                "image_id": 1,
+                "bbox": [1, 1, 5, 5],
+                "keypoints": [0] * 51,
+                "iscrowd": 1,
+                "category_id": 1,
+            },
         ],
         "categories": [{"id": 1, "name": "person"}],
     }
@@ -208,8 +239,16 @@ def test_from_coco_json(tmp_path):
     assert item["meta"]["ann_id"] == 7 and item["meta"]["image_id"] == 1
     batch = torch.utils.data.default_collate([item, item])
     assert batch["img"].shape == (2, 3, 64, 48) and batch["meta"]["center"].shape == (2, 2)
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="x.json does not exist"):
         TopDownDataset.from_coco(tmp_path / "x.json", tmp_path, scheme="coco17")
+    # A missing image file is a counted skip; a keypoint count that is not the scheme's is an error.
+    ann["images"].append({"id": 2, "file_name": "gone.png", "width": 320, "height": 240})
+    ann["annotations"].append({**ann["annotations"][0], "id": 9, "image_id": 2})
+    path.write_text(json.dumps(ann))
+    ds = TopDownDataset.from_coco(path, tmp_path, scheme="coco17", input_size=INPUT, train=True)
+    assert len(ds) == 1 and ds.skipped["missing_image"] == 1
+    with pytest.raises(UserError, match="ann.json.*annotation 7"):
+        TopDownDataset.from_coco(path, tmp_path, scheme="coco_wholebody133", input_size=INPUT)
 
 
 def test_stream_decoder(tmp_path):
@@ -217,10 +256,20 @@ def test_stream_decoder(tmp_path):
     ok, jpg = cv2.imencode(".png", img[:, :, ::-1])
     anns = [
         {"id": 7, "bbox": person.bbox.tolist(), "keypoints": person.keypoints.ravel().tolist()},
-        {"id": 8, "bbox": [0, 0, 0, 0], "keypoints": person.keypoints.ravel().tolist()},  # degenerate: never chosen
+        {
+            "id": 8,
+            "bbox": [0, 0, 0, 0],
+            "keypoints": person.keypoints.ravel().tolist(),
+        },  # degenerate: never chosen
     ]
     decode = StreamDecoder(_spec(), train=True, augment=NO_AUG, image_key="png")
-    sample = {"__key__": "k", "__url__": "s.tar", "png": jpg.tobytes(), "json": json.dumps({"annotations": anns}).encode(), "__seed__": 3}
+    sample = {
+        "__key__": "k",
+        "__url__": "s.tar",
+        "png": jpg.tobytes(),
+        "json": json.dumps({"annotations": anns}).encode(),
+        "__seed__": 3,
+    }
     item = decode(sample)
     assert item["meta"]["ann_id"] == 7
     ref = TopDownDataset([person], _spec(), train=False)[0]

@@ -18,9 +18,7 @@ def test_mse_weights_pixels_and_averages_over_all_of_them():
     pred, target, weight = _data()
     loss = build_loss(LossConfig(kind="mse"))(pred, target, weight)
     b, k, h, w = pred.shape
-    total = sum(
-        weight[i, j] * ((pred[i, j] - target[i, j]) ** 2).sum() for i in range(b) for j in range(k)
-    )
+    total = sum(weight[i, j] * ((pred[i, j] - target[i, j]) ** 2).sum() for i in range(b) for j in range(k))
     torch.testing.assert_close(loss, total / (b * k * h * w))
     # Zero-weight keypoints contribute nothing, whatever their prediction.
     pred2 = pred.clone()
@@ -36,7 +34,10 @@ def test_ohkm_keeps_the_hardest_keypoints_per_sample():
     per_sample = []
     for i in range(pred.shape[0]):
         losses = torch.stack(
-            [((pred[i, j] * weight[i, j] - target[i, j] * weight[i, j]) ** 2).mean() for j in range(pred.shape[1])]
+            [
+                ((pred[i, j] * weight[i, j] - target[i, j] * weight[i, j]) ** 2).mean()
+                for j in range(pred.shape[1])
+            ]
         )
         per_sample.append(losses.sort(descending=True).values[:topk].mean())
     torch.testing.assert_close(loss, torch.stack(per_sample).mean())

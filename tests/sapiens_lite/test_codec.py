@@ -21,7 +21,9 @@ def mmpose_udp_decode(heatmaps: np.ndarray, blur_kernel_size: int = 11) -> np.nd
         peak = hm[i].max()
         padded = np.zeros((h + 2 * border, w + 2 * border), np.float32)
         padded[border:-border, border:-border] = hm[i]
-        blurred = cv2.GaussianBlur(padded, (blur_kernel_size, blur_kernel_size), 0)[border:-border, border:-border]
+        blurred = cv2.GaussianBlur(padded, (blur_kernel_size, blur_kernel_size), 0)[
+            border:-border, border:-border
+        ]
         hm[i] = blurred * (peak / blurred.max())
     logm = np.log(np.clip(hm, 1e-3, 50.0))
     out = locs.copy()
@@ -32,14 +34,30 @@ def mmpose_udp_decode(heatmaps: np.ndarray, blur_kernel_size: int = 11) -> np.nd
         dy = 0.5 * (p[y + 1, x] - p[y - 1, x])
         dxx = p[y, x + 1] - 2 * p[y, x] + p[y, x - 1]
         dyy = p[y + 1, x] - 2 * p[y, x] + p[y - 1, x]
-        dxy = 0.5 * (p[y + 1, x + 1] - p[y, x + 1] - p[y + 1, x] + 2 * p[y, x] - p[y, x - 1] - p[y - 1, x] + p[y - 1, x - 1])
+        dxy = 0.5 * (
+            p[y + 1, x + 1]
+            - p[y, x + 1]
+            - p[y + 1, x]
+            + 2 * p[y, x]
+            - p[y, x - 1]
+            - p[y - 1, x]
+            + p[y - 1, x - 1]
+        )
         hess = np.array([[dxx, dxy], [dxy, dyy]]) + np.finfo(np.float32).eps * np.eye(2)
         out[i] -= np.linalg.inv(hess) @ np.array([dx, dy])
     return out
 
 
 @pytest.mark.parametrize(
-    "input_size,sigma", [((256, 192), 2.0), ((1024, 768), 6.0), ((128, 96), 2.0), ((128, 96), 6.0), ((512, 384), 6.0), ((384, 288), 3.0)]
+    "input_size,sigma",
+    [
+        ((256, 192), 2.0),
+        ((1024, 768), 6.0),
+        ((128, 96), 2.0),
+        ((128, 96), 6.0),
+        ((512, 384), 6.0),
+        ((384, 288), 3.0),
+    ],
 )
 def test_encode_decode_round_trip(input_size, sigma):
     """Sub-pixel keypoints come back within 0.05 input pixels (away from the border, see refine_dark_udp)."""
@@ -63,7 +81,9 @@ def test_encode_decode_round_trip(input_size, sigma):
 def test_decode_matches_mmpose_dark_udp_also_near_borders():
     g = torch.Generator().manual_seed(1)
     hm_size = (64, 48)
-    kpts = torch.rand(60, 2, generator=g) * torch.tensor([191.0, 255.0])  # anywhere in the crop, borders included
+    kpts = torch.rand(60, 2, generator=g) * torch.tensor(
+        [191.0, 255.0]
+    )  # anywhere in the crop, borders included
     heatmaps, _ = codec.encode_heatmaps(kpts, torch.ones(60), (256, 192), hm_size, 2.0)
     heatmaps = heatmaps + 0.05 * torch.rand(heatmaps.shape, generator=g)  # noisy, like a prediction
     ours, _ = codec.decode_heatmaps(heatmaps)
@@ -99,7 +119,9 @@ def test_flip_heatmaps_equals_encoding_the_mirrored_keypoints():
     mirrored[:, 0] = 191 - mirrored[:, 0]
     hm_mirror, _ = codec.encode_heatmaps(mirrored, torch.ones(17), input_size, hm_size, 2.0)
     torch.testing.assert_close(codec.flip_heatmaps(hm_mirror, scheme.flip_index), hm, atol=1e-5, rtol=0)
-    torch.testing.assert_close(codec.flip_heatmaps(hm[None], scheme.flip_index)[0], hm_mirror, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        codec.flip_heatmaps(hm[None], scheme.flip_index)[0], hm_mirror, atol=1e-5, rtol=0
+    )
 
 
 def test_argmax_ties_and_empty_maps():
@@ -119,12 +141,17 @@ def test_keypoints_to_image_inverts_the_crop_numpy_and_torch():
     img_pts = rng.uniform(0, 400, (4, 10, 2))
     input_size = (256, 192)
     inp = np.stack(
-        [topdown.transform_points(p, topdown.get_udp_warp_matrix(c, s, r, (192, 256))) for p, c, s, r in zip(img_pts, centers, scales, rots)]
+        [
+            topdown.transform_points(p, topdown.get_udp_warp_matrix(c, s, r, (192, 256)))
+            for p, c, s, r in zip(img_pts, centers, scales, rots)
+        ]
     )
     back = codec.keypoints_to_image(inp, centers, scales, input_size, rotations=rots)
     np.testing.assert_allclose(back, img_pts, atol=1e-8)
     with_scores = torch.cat([torch.from_numpy(inp).float(), torch.ones(4, 10, 1)], dim=-1)
-    back_t = codec.keypoints_to_image(with_scores, torch.from_numpy(centers), torch.from_numpy(scales), input_size, rots)
+    back_t = codec.keypoints_to_image(
+        with_scores, torch.from_numpy(centers), torch.from_numpy(scales), input_size, rots
+    )
     assert isinstance(back_t, torch.Tensor) and back_t.shape == (4, 10, 3)
     np.testing.assert_allclose(back_t[..., :2].numpy(), img_pts, atol=1e-3)
     assert back_t[..., 2].eq(1).all()

@@ -88,3 +88,14 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "dst").exists()
     rc, _, err = _run(capsys, tmp_path / "odd.safetensors", tmp_path / "dst", "--grid", "2x5")
     assert rc == 0, err
+
+
+def test_help_names_every_source(capsys):
+    from sapiens_lite.convert import SOURCES
+
+    try:
+        main(["convert", "--help"])
+    except SystemExit:
+        pass
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in SOURCES)

@@ -34,10 +34,14 @@ def test_center_scale_with_padding_and_aspect_fix():
     np.testing.assert_allclose(s, [250 * 0.75, 250])  # too narrow -> wider
     _, s = topdown.bbox_xywh_to_center_scale([0, 0, 30, 200])
     np.testing.assert_allclose(s, [37.5, 250])
-    np.testing.assert_allclose(topdown.center_scale_to_bbox_xywh(*topdown.bbox_xywh_to_center_scale([5, 6, 7, 8])), [5, 6, 7, 8])
+    np.testing.assert_allclose(
+        topdown.center_scale_to_bbox_xywh(*topdown.bbox_xywh_to_center_scale([5, 6, 7, 8])), [5, 6, 7, 8]
+    )
 
 
-@pytest.mark.parametrize("bad", [[0, 0, 0, 10], [0, 0, 10, -1], [np.nan, 0, 10, 10], [0, 0, np.inf, 10], [1, 2, 3]])
+@pytest.mark.parametrize(
+    "bad", [[0, 0, 0, 10], [0, 0, 10, -1], [np.nan, 0, 10, 10], [0, 0, np.inf, 10], [1, 2, 3]]
+)
 def test_degenerate_boxes_are_user_errors(bad):
     with pytest.raises(UserError, match="degenerate box"):
         topdown.bbox_xywh_to_center_scale(bad)
@@ -51,8 +55,12 @@ def test_udp_warp_matches_mmpose_and_maps_center_to_center(rot):
     np.testing.assert_allclose(topdown.transform_points(center, m), [95.5, 127.5], atol=1e-9)
     if rot == 0:
         # The box's left/right edges land on the first/last pixel centres (UDP: W - 1 steps).
-        np.testing.assert_allclose(topdown.transform_points(np.array([center[0] - 90, center[1]]), m), [0, 127.5], atol=1e-9)
-        np.testing.assert_allclose(topdown.transform_points(np.array([center[0] + 90, center[1]]), m), [191, 127.5], atol=1e-9)
+        np.testing.assert_allclose(
+            topdown.transform_points(np.array([center[0] - 90, center[1]]), m), [0, 127.5], atol=1e-9
+        )
+        np.testing.assert_allclose(
+            topdown.transform_points(np.array([center[0] + 90, center[1]]), m), [191, 127.5], atol=1e-9
+        )
 
 
 def test_inverse_and_input_to_image_round_trip():
@@ -63,11 +71,19 @@ def test_inverse_and_input_to_image_round_trip():
         back = topdown.transform_points(topdown.transform_points(pts, m), topdown.invert_affine(m))
         np.testing.assert_allclose(back, pts, atol=1e-9)  # visibility column passes through
         np.testing.assert_allclose(
-            topdown.input_to_image(topdown.transform_points(pts, m), [250, 200], [150, 200], (1024, 768), rot), pts, atol=1e-9
+            topdown.input_to_image(
+                topdown.transform_points(pts, m), [250, 200], [150, 200], (1024, 768), rot
+            ),
+            pts,
+            atol=1e-9,
         )
     # rot = 0: same as mmpose's decode (kpts_hm / (hm - 1) * input) then kpts / input * scale + center - scale / 2.
     hm_pts = rng.uniform(0, 47, (5, 2))
-    mm = hm_pts / np.array([47, 63]) * np.array([192, 256]) / np.array([192, 256]) * np.array([150, 200]) + np.array([250, 200]) - np.array([75, 100])
+    mm = (
+        hm_pts / np.array([47, 63]) * np.array([192, 256]) / np.array([192, 256]) * np.array([150, 200])
+        + np.array([250, 200])
+        - np.array([75, 100])
+    )
     ours = topdown.input_to_image(hm_pts * np.array([191 / 47, 255 / 63]), [250, 200], [150, 200], (256, 192))
     np.testing.assert_allclose(ours, mm, atol=1e-9)
 

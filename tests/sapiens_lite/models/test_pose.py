@@ -59,7 +59,12 @@ def test_sapiens_head_keys_match_the_sapiens_checkpoints():
         "final_layer.bias": (308,),
     }
     deconv = head.deconv_layers[0]
-    assert (deconv.kernel_size, deconv.stride, deconv.padding, deconv.output_padding) == ((4, 4), (2, 2), (1, 1), (0, 0))
+    assert (deconv.kernel_size, deconv.stride, deconv.padding, deconv.output_padding) == (
+        (4, 4),
+        (2, 2),
+        (1, 1),
+        (0, 0),
+    )
     assert isinstance(head.deconv_layers[1], torch.nn.InstanceNorm2d) and not head.deconv_layers[1].affine
     assert isinstance(head.conv_layers[2], torch.nn.SiLU)
     # A state dict with exactly these keys loads strictly into the whole model under `head.`.
@@ -72,7 +77,11 @@ def _transformers_config(kind):
     from transformers import VitPoseBackboneConfig, VitPoseConfig
 
     bc = VitPoseBackboneConfig(
-        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=list(INPUT), patch_size=[16, 16]
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=list(INPUT),
+        patch_size=[16, 16],
     )
     return VitPoseConfig(backbone_config=bc, num_labels=17, use_simple_decoder=kind == "simple")
 

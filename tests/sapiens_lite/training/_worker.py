@@ -117,7 +117,11 @@ def reference_run(out: Path, run_name: str, hooks=()) -> dict:
     engine = Engine(deepspeed, TinyNet, cfg_for(out / run_name, zero=2), OPTIM)
     resumed = engine.resume()
     summary = engine.fit(loader(engine), step_fn, hooks=hooks)
-    return {"resumed": resumed, "summary": summary, "losses": log_losses(out / run_name) if engine.is_main else {}}
+    return {
+        "resumed": resumed,
+        "summary": summary,
+        "losses": log_losses(out / run_name) if engine.is_main else {},
+    }
 
 
 def scenario_matrix(out: Path) -> dict:
@@ -126,7 +130,9 @@ def scenario_matrix(out: Path) -> dict:
     for zero in (1, 2, 3):
         for precision in ("fp32", "bf16"):
             name = f"z{zero}_{precision}"
-            engine = Engine(deepspeed, TinyNet, cfg_for(out / name, zero, precision, total=2, checkpoint_every=100), OPTIM)
+            engine = Engine(
+                deepspeed, TinyNet, cfg_for(out / name, zero, precision, total=2, checkpoint_every=100), OPTIM
+            )
             before = full_params(engine)
             summary = engine.fit(loader(engine), step_fn)
             after = full_params(engine)

@@ -1,0 +1,123 @@
+"""MAE transforms: shapes, seeded determinism, crop statistics, flip, normalisation, reduced decoding."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sapiens_lite.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAEDecode,
+    MAETransform,
+    MAETransformConfig,
+    random_resized_crop_params,
+)
+
+
+def jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def smooth_image(h: int = 240, w: int = 320) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 127 + 120 * np.sin(x / 23.0)
+    g = 127 + 120 * np.cos(y / 17.0)
+    b = 127 + 120 * np.sin((x + y) / 31.0)
+    return np.stack([r, g, b], -1).astype(np.uint8)
+
+
+def test_shape_dtype_and_determinism():
+    data = jpeg(smooth_image())
+    t = MAETransform(MAETransformConfig(size=(64, 48)))
+    a, b, c = t(data, 7), t(data, 7), t(data, 8)
+    assert a.shape == (3, 64, 48) and a.dtype == torch.float32 and a.is_contiguous()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_crop_params_follow_torchvision_rules():
+    from torchvision.transforms import RandomResizedCrop
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    ours, theirs = [], []
+    for _ in range(4000):
+        top, left, h, w = random_resized_crop_params(rng, 400, 300, (0.2, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top and 0 <= left and top + h <= 300 and left + w <= 400 and h > 0 and w > 0
+        ours.append((h * w / (400 * 300), math.log(w / h)))
+        _, _, h, w = RandomResizedCrop.get_params(Image.new("RGB", (400, 300)), (0.2, 1.0), (3 / 4, 4 / 3))
+        theirs.append((h * w / (400 * 300), math.log(w / h)))
+    ours, theirs = np.array(ours), np.array(theirs)
+    assert ours[:, 0].min() >= 0.19 and ours[:, 0].max() <= 1.0
+    assert np.exp(ours[:, 1]).min() >= 0.74 and np.exp(ours[:, 1]).max() <= 1.35
+    # Same distribution as torchvision's (standard errors of these means are about 0.004).
+    np.testing.assert_allclose(ours.mean(0), theirs.mean(0), atol=0.02)
+    np.testing.assert_allclose(ours.std(0), theirs.std(0), atol=0.02)
+
+
+def test_crop_params_fallback_is_a_centre_crop():
+    rng = np.random.default_rng(0)
+    # A very wide image: no crop of ratio <= 4/3 with area >= 0.9 fits, so the fallback applies.
+    top, left, h, w = random_resized_crop_params(rng, 1000, 100, (0.9, 1.0), (3 / 4, 4 / 3))
+    assert (top, h) == (0, 100) and w == round(100 * 4 / 3) and left == (1000 - w) // 2
+
+
+def test_normalisation_of_a_flat_colour():
+    color = (200, 100, 30)
+    data = jpeg(np.full((64, 64, 3), color, np.uint8), quality=100)
+    x = MAETransform(MAETransformConfig(size=(16, 16)))(data, 0)
+    for ch in range(3):
+        expected = (color[ch] / 255 - IMAGENET_MEAN[ch]) / IMAGENET_STD[ch]
+        assert abs(x[ch].mean().item() - expected) < 3 / 255 / IMAGENET_STD[ch]
+
+
+def test_flip_mirrors_the_same_crop():
+    data = jpeg(smooth_image())
+    plain = MAETransform(MAETransformConfig(size=(32, 24), hflip=0.0))(data, 3)
+    flipped = MAETransform(MAETransformConfig(size=(32, 24), hflip=1.0))(data, 3)
+    torch.testing.assert_close(flipped, plain.flip(-1))
+
+
+def test_reduced_decoding_is_close_to_a_full_decode():
+    data = jpeg(smooth_image(960, 1280))
+    cfg = dict(size=(64, 48), scale=(0.9, 1.0))
+    fast = MAETransform(MAETransformConfig(**cfg))(data, 1)
+    full = MAETransform(MAETransformConfig(**cfg, reduced_decode=False))(data, 1)
+    # Same crop, decoded at 1/8 size: a smooth image barely changes (values are in std units).
+    assert (fast - full).abs().mean().item() < 0.05
+
+
+def test_png_and_grey_images():
+    grey = Image.fromarray(smooth_image()[..., 0])
+    buf = io.BytesIO()
+    grey.save(buf, "PNG")
+    x = MAETransform(MAETransformConfig(size=(20, 30)))(buf.getvalue(), 0)
+    assert x.shape == (3, 20, 30)
+    torch.testing.assert_close(x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], x[1] * IMAGENET_STD[1] + IMAGENET_MEAN[1])
+
+
+def test_decode_for_the_stream():
+    data = jpeg(smooth_image())
+    decode = MAEDecode(MAETransformConfig(size=(16, 16)))
+    x = decode({"__key__": "k", "jpg": data, "__seed__": 5})
+    assert torch.equal(x, MAETransform(MAETransformConfig(size=(16, 16)))(data, 5))
+    with pytest.raises(ValueError, match="no image member"):
+        decode({"__key__": "k", "json": b"{}", "__seed__": 1})
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="scale"):
+        MAETransformConfig(scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="hflip"):
+        MAETransformConfig(hflip=2.0)
+    with pytest.raises(ValueError, match="size"):
+        MAETransformConfig(size=(0, 10))
+    assert math.isclose(MAETransformConfig().ratio[1], 4 / 3)
