@@ -6,12 +6,20 @@ import math
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 import torch.nn as nn
 
 from sapiens_lite.config import load_config
 from sapiens_lite.errors import ConfigError, UserError
 from sapiens_lite.models.vit import build_vit
-from sapiens_lite.training import EngineConfig, OptimConfig, build_ds_config, global_batch_size, lr_at, scaled_lr
+from sapiens_lite.training import (
+    EngineConfig,
+    OptimConfig,
+    build_ds_config,
+    global_batch_size,
+    lr_at,
+    scaled_lr,
+)
 from sapiens_lite.training.optim import param_groups, vit_layer_id
 
 
@@ -53,7 +61,9 @@ def test_ds_config_generated_from_typed_config():
     assert ds["gradient_clipping"] == 1.0
     assert "optimizer" not in ds and "scheduler" not in ds
     fp32 = build_ds_config(EngineConfig(), OptimConfig(), world_size=1)
-    assert fp32["bf16"] == {"enabled": False} and "data_types" not in fp32 and fp32["gradient_clipping"] == 0.0
+    assert (
+        fp32["bf16"] == {"enabled": False} and "data_types" not in fp32 and fp32["gradient_clipping"] == 0.0
+    )
 
 
 def test_scaled_lr_is_blr_times_batch_over_256():
@@ -90,7 +100,9 @@ def test_weight_decay_only_on_matrices_not_embeddings_or_tokens():
     assert {"pos_embed", "cls_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"} <= no_decay
     assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"} <= decay
     assert all(p.ndim >= 2 for p in groups["layer_0_decay"]["params"])
-    assert groups["layer_0_decay"]["weight_decay"] == 0.05 and groups["layer_0_no_decay"]["weight_decay"] == 0.0
+    assert (
+        groups["layer_0_decay"]["weight_decay"] == 0.05 and groups["layer_0_no_decay"]["weight_decay"] == 0.0
+    )
     n_trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_trainable
 
@@ -99,8 +111,8 @@ def test_mask_token_and_no_weight_decay_names_are_excluded():
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.mask_token = nn.Parameter(nn.init.normal_(nn.Parameter(nn.Linear(4, 4).weight.data[:1, None])))
-            self.table = nn.Parameter(nn.Linear(4, 4).weight.data.clone())
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, 4))  # 3-D, but a token: never decayed
+            self.table = nn.Parameter(torch.zeros(4, 4))
             self.proj = nn.Linear(4, 4)
 
         def no_weight_decay(self):

@@ -1,0 +1,256 @@
+"""The engine in one process (world of one over gloo): reproducibility, lr, logs, NaN handling, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+import torch.nn as nn
+
+from sapiens_lite.errors import UserError
+from sapiens_lite.training import (
+    Engine,
+    EngineConfig,
+    EveryN,
+    OptimConfig,
+    ResumableLoader,
+    consolidate_fp32,
+    plot_log,
+    read_log,
+)
+from tests.sapiens_lite.training._worker import TinyNet, make_dataset, step_fn
+
+OPTIM = OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0)
+
+
+def cfg(run_dir: Path, **kw) -> EngineConfig:
+    base = dict(run_dir=str(run_dir), total_steps=6, micro_batch_size=4, log_every=1, checkpoint_every=100,
+                progress=False, tensorboard=False)  # fmt: skip
+    return EngineConfig(**{**base, **kw})
+
+
+def fit_tiny(run_dir: Path, **kw) -> tuple[Engine, dict]:
+    engine = Engine(deepspeed, TinyNet, cfg(run_dir, **kw), OPTIM)
+    summary = engine.fit(ResumableLoader(make_dataset(), 4, seed=1), step_fn)
+    return engine, summary
+
+
+class Indexed:
+    """Batches 0..n-1 (each carries its index), deterministic, resumable."""
+
+    def __init__(self, indices):
+        self.indices, self.pos = list(indices), 0
+
+    def __iter__(self):
+        while self.pos < len(self.indices):
+            i = self.indices[self.pos]
+            self.pos += 1
+            g = torch.Generator().manual_seed(i)
+            yield {
+                "i": torch.tensor(i),
+                "x": torch.randn(4, 8, generator=g),
+                "y": torch.randn(4, 1, generator=g),
+            }
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 1)
+        self.checkpointing = False
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).tanh())
+
+    def set_grad_checkpointing(self, enable=True):
+        self.checkpointing = enable
+
+
+def nan_at(bad: set[int]):
+    def fn(model, batch):
+        loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
+        if int(batch["i"]) in bad:
+            loss = loss * float("inf") * 0  # nan
+        return loss, {}
+
+    return fn
+
+
+def test_two_fresh_runs_are_identical(tmp_path):
+    _, a = fit_tiny(tmp_path / "a")
+    _, b = fit_tiny(tmp_path / "b")
+    la, lb = read_log(tmp_path / "a" / "log.jsonl"), read_log(tmp_path / "b" / "log.jsonl")
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert len(la) == 6 and a["final_loss"] == b["final_loss"] == la[-1]["loss"]
+    _, c = fit_tiny(tmp_path / "c", seed=1)
+    assert c["final_loss"] != a["final_loss"]
+
+
+def test_logs_lr_schedule_and_written_files(tmp_path):
+    lrs = []
+    engine = Engine(
+        deepspeed,
+        Plain,
+        cfg(tmp_path, tensorboard=True, log_every=2, total_steps=6),
+        OptimConfig(lr=1e-2, warmup_steps=2),
+        param_groups=None,
+        flops_per_sample=1000.0,
+        config_to_save=OptimConfig(lr=1e-2, warmup_steps=2),
+    )
+    hook = EveryN(1, lambda e, step, batch, m: lrs.append([g["lr"] for g in e.optimizer.param_groups]))
+    engine.fit(Indexed(range(100)), nan_at(set()), hooks=[hook])
+    assert [x[0] for x in lrs] == pytest.approx([engine.lr_at(s) for s in range(6)])
+    assert lrs[0][0] == pytest.approx(5e-3) and lrs[1][0] == pytest.approx(1e-2)
+
+    records = read_log(tmp_path / "log.jsonl")
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for key in ("loss", "lr", "img_per_s", "mfu", "nonfinite_skipped", "epoch"):
+        assert key in records[-1], key
+    assert records[-1]["mfu"] > 0 and records[-1]["img_per_s"] > 0
+    ds = json.loads((tmp_path / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 4 and ds["zero_optimization"]["stage"] == 0
+    assert "lr: 0.01" in (tmp_path / "config.yaml").read_text()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    png = plot_log(tmp_path / "log.jsonl", tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_lr_scale_applied_each_step(tmp_path):
+    model = Plain()
+    groups = [
+        {"params": list(model.fc1.parameters()), "weight_decay": 0.0, "lr_scale": 0.25},
+        {"params": list(model.fc2.parameters()), "weight_decay": 0.0},
+    ]
+    engine = Engine(
+        deepspeed,
+        model,
+        cfg(tmp_path, total_steps=3),
+        OptimConfig(lr=1e-2, schedule="constant"),
+        param_groups=groups,
+    )
+    engine.fit(Indexed(range(10)), nan_at(set()))
+    assert [g["lr"] for g in engine.optimizer.param_groups] == pytest.approx([2.5e-3, 1e-2])
+
+
+def test_nonfinite_loss_drops_the_batch_without_any_update(tmp_path):
+    """Training on 0,1,NaN,3,4,5 ends with exactly the weights of training on 0,1,3,4,5."""
+    torch.manual_seed(0)
+    with_nan = Engine(deepspeed, Plain, cfg(tmp_path / "nan", total_steps=5), OPTIM)
+    s = with_nan.fit(Indexed(range(10)), nan_at({2}))
+    clean = Engine(deepspeed, Plain, cfg(tmp_path / "clean", total_steps=5), OPTIM)
+    clean.fit(Indexed([0, 1, 3, 4, 5, 6]), nan_at(set()))
+    assert s["nonfinite_skipped"] == 1 and s["steps"] == 5
+    for (n, a), (_, b) in zip(with_nan.module.state_dict().items(), clean.module.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert read_log(tmp_path / "nan" / "log.jsonl")[-1]["nonfinite_skipped"] == 1
+
+
+def test_consecutive_nonfinite_losses_abort_after_a_checkpoint(tmp_path):
+    engine = Engine(deepspeed, Plain, cfg(tmp_path, total_steps=10, max_nonfinite=3), OPTIM)
+    with pytest.raises(UserError, match="3 consecutive non-finite losses"):
+        engine.fit(Indexed(range(20)), nan_at(set(range(2, 20))))
+    assert engine.step == 2 and engine.nonfinite_skipped == 3
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+    again = Engine(deepspeed, Plain, cfg(tmp_path, total_steps=10), OPTIM)
+    assert again.resume() and again.step == 2 and again.nonfinite_skipped == 3
+
+
+def test_checkpoints_keep_last_and_resume_in_process(tmp_path):
+    engine, _ = fit_tiny(tmp_path, checkpoint_every=1, keep_last=2)
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_00000005", "step_00000006"]
+    assert (ckpt / "latest").read_text() == "step_00000006" and not (ckpt / "latest.tmp").exists()
+    live = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    sd = consolidate_fp32(deepspeed, tmp_path)  # ZeRO-0: the module state as saved
+    assert sorted(sd) == sorted(live) and all(torch.equal(sd[k], live[k]) for k in live)
+
+    # Resuming a finished run with more steps continues from step 6.
+    more = Engine(deepspeed, TinyNet, cfg(tmp_path, total_steps=8), OPTIM)
+    assert more.resume() and more.step == 6
+    assert all(torch.equal(more.module.state_dict()[k], live[k]) for k in live)
+    summary = more.fit(ResumableLoader(make_dataset(), 4, seed=1), step_fn)
+    assert summary["steps_this_run"] == 2 and summary["resumed_from"] == "step_00000006"
+
+
+def test_corrupt_or_missing_checkpoint_is_a_user_error(tmp_path):
+    fit_tiny(tmp_path, total_steps=2, checkpoint_every=1)
+    ckpt = tmp_path / "checkpoints"
+    model_file = ckpt / "step_00000002" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])  # truncated write
+    fresh = Engine(deepspeed, TinyNet, cfg(tmp_path), OPTIM)
+    with pytest.raises(UserError, match=str(model_file)):
+        fresh.resume()
+    (ckpt / "latest").write_text("step_00000099")
+    with pytest.raises(UserError, match="step_00000099"):
+        fresh.resume()
+    (ckpt / "latest").write_text("step_00000001")
+    rank_file = ckpt / "step_00000001" / "engine_rank000.pt"
+    rank_file.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=str(rank_file)):
+        fresh.resume()
+    assert not Engine(deepspeed, TinyNet, cfg(tmp_path / "empty"), OPTIM).resume()
+
+
+def test_inconsistent_batch_sizes_fail_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="global_batch_size=16"):
+        Engine(deepspeed, TinyNet, cfg(tmp_path / "run", global_batch_size=16), OPTIM)
+    assert not (tmp_path / "run").exists()
+
+
+def test_activation_checkpointing_switch(tmp_path):
+    engine = Engine(deepspeed, Plain, cfg(tmp_path, activation_checkpointing=True), OPTIM)
+    assert engine.module.checkpointing
+    with pytest.raises(UserError, match="set_grad_checkpointing"):
+        Engine(deepspeed, lambda: nn.Linear(8, 1), cfg(tmp_path, activation_checkpointing=True), OPTIM)
+
+
+def test_resumable_loader_shards_and_resumes():
+    ds = make_dataset(40)
+    shards = [ResumableLoader(ds, 4, rank=r, world_size=2, seed=5) for r in range(2)]
+    ids = [[tuple(x[0].tolist()) for batch in s for x in zip(batch[0])] for s in shards]
+    assert len(ids[0]) == len(ids[1]) == 20 and not set(ids[0]) & set(ids[1])
+
+    full = ResumableLoader(ds, 4, seed=5)
+    full.set_epoch(3)
+    expected = [b[0] for b in full]
+    part = ResumableLoader(ds, 4, seed=5)
+    part.set_epoch(3)
+    it = iter(part)
+    head = [next(it)[0] for _ in range(4)]
+    state = part.state_dict()
+    assert state == {"epoch": 3, "batches": 4}
+    resumed = ResumableLoader(ds, 4, seed=5)
+    resumed.load_state_dict(state)
+    tail = [b[0] for b in resumed]
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, expected)) and len(head + tail) == len(expected)
+    full.set_epoch(4)
+    assert not torch.equal(next(iter(full))[0], expected[0])  # reshuffled per epoch
+
+
+def test_training_package_never_imports_deepspeed():
+    code = (
+        "import sys, sapiens_lite.training, sapiens_lite.training.engine, sapiens_lite.training.checkpoint\n"
+        "assert 'deepspeed' not in sys.modules, 'deepspeed imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    pkg = Path(sapiens_lite_training_dir())
+    for f in pkg.glob("*.py"):
+        text = f.read_text()
+        assert "import deepspeed" not in text and "from deepspeed" not in text, f
+
+
+def sapiens_lite_training_dir() -> str:
+    import sapiens_lite.training
+
+    return str(Path(sapiens_lite.training.__file__).parent)
