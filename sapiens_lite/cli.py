@@ -37,52 +37,50 @@ def _plugin_commands() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `sapiens` parser. Only `command`'s module is imported; the others are listed by name."""
     parser = argparse.ArgumentParser(
         prog="sapiens",
         description="sapiens: pretrain, fine-tune, convert and run human-centric ViT models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands = {**BUILTIN_COMMANDS, **_plugin_commands()}
-    for name, target in commands.items():
-        if only is not None and name != only:
-            # Keep the name in --help without importing the module behind it.
-            sub.add_parser(name, help=f"(run `sapiens {name} --help`)")
+    for name, target in {**BUILTIN_COMMANDS, **_plugin_commands()}.items():
+        if name != command:
+            sub.add_parser(name, help=_HELP.get(name, ""))
             continue
         try:
             add = _load(target)
         except ImportError as e:
             # A training command whose extras are not installed: say how to get them.
-            p = sub.add_parser(name, help=f"unavailable: {e.name or e} is not installed")
+            p = sub.add_parser(name, help=_HELP.get(name, ""))
             p.set_defaults(func=_missing_extra(name, e))
             continue
         add(sub)
     return parser
 
 
+# Modules of the `train` extra: a command that needs one and lacks it is a setup mistake, not a bug.
+TRAIN_EXTRAS = {"deepspeed", "webdataset", "pycocotools", "tensorboard", "matplotlib"}
+
+
+def _missing_extra_message(name: str, err: ImportError) -> str:
+    return (
+        f"`sapiens {name}` needs the module {err.name or err}, which is not installed; "
+        "install the training extras: pip install 'sapiens-toolkit[train]'"
+    )
+
+
 def _missing_extra(name: str, err: ImportError):
     def run(args):
-        raise UserError(
-            f"`sapiens {name}` needs {err.name or err}, which is not installed; "
-            "install the training extras: pip install 'sapiens-toolkit[train]'"
-        )
+        raise UserError(_missing_extra_message(name, err))
 
     return run
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Import only the module of the command being run; `sapiens --help` lists names from the table.
-    first = next((a for a in argv if not a.startswith("-")), None)
-    commands = {**BUILTIN_COMMANDS, **_plugin_commands()}
-    only = first if first in commands else None
-    if only is None:
-        parser = argparse.ArgumentParser(prog="sapiens", description="sapiens: pretrain, fine-tune, convert and run human-centric ViT models.")
-        sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-        for name in commands:
-            sub.add_parser(name, help=_HELP.get(name, ""))
-    else:
-        parser = build_parser(only)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
@@ -91,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except UserError as e:
         print(f"sapiens {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name not in TRAIN_EXTRAS:
+            raise
+        print(f"sapiens {args.command}: error: {_missing_extra_message(args.command, e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sapiens {args.command}: interrupted", file=sys.stderr)
