@@ -1,8 +1,8 @@
 """The `sapiens finetune` and `sapiens eval` commands (added through the `sapiens.commands` entry points).
 
-    sapiens finetune --config configs/finetune/tiny_cpu_coco17.yaml engine.total_steps=100
-    sapiens eval --checkpoint runs/tiny/final --config configs/finetune/tiny_cpu_coco17.yaml
-    sapiens eval --checkpoint runs/tiny/final --ann val.json --images val/ --detections dets.json
+sapiens finetune --config configs/finetune/tiny_cpu_coco17.yaml engine.total_steps=100
+sapiens eval --checkpoint runs/tiny/final --config configs/finetune/tiny_cpu_coco17.yaml
+sapiens eval --checkpoint runs/tiny/final --ann val.json --images val/ --detections dets.json
 """
 
 from __future__ import annotations
@@ -40,8 +40,16 @@ def add_eval_command(sub) -> None:
             "COCO-WholeBody part APs for 133 keypoints, PCK@0.05 on ground-truth boxes."
         ),
     )
-    p.add_argument("--checkpoint", required=True, help="pose model folder, Hub repo id, or a Sapiens pose .pth")
-    p.add_argument("--config", action="append", default=[], metavar="YAML", help="fine-tuning config (val set, eval knobs)")
+    p.add_argument(
+        "--checkpoint", required=True, help="pose model folder, Hub repo id, or a Sapiens pose .pth"
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="fine-tuning config (val set, eval knobs)",
+    )
     p.add_argument("--ann", help="val annotation JSON (default: data.val_ann of the config)")
     p.add_argument("--images", help="val image folder (default: data.val_images of the config)")
     p.add_argument("--detections", help="detections JSON; default: ground-truth boxes")
@@ -81,6 +89,8 @@ def run_eval(args) -> int:
     model = load_pose_checkpoint(args.checkpoint, expected_scheme=expected, revision=cfg.init.revision)
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt / "eval" if ckpt.is_dir() else Path("eval"))
-    metrics = evaluate_model(model.to(device).eval(), ann, images, ev, device=device, out_dir=out)
+    metrics = evaluate_model(
+        model.to(device).eval(), ann, images, ev, device=device, out_dir=out, num_workers=cfg.data.num_workers
+    )
     print(json.dumps(metrics, indent=1))
     return 0

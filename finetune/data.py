@@ -11,7 +11,8 @@ TopdownAffine (UDP, aspect ratio fixed to the input's) -> PhotometricDistortion 
 The flip is folded into the crop's affine matrix (cropping a mirrored image with the mirrored box
 gives the same pixels), so the full image is never copied. Validation/test mode (`train=False`)
 only crops. Frames are those of sapiens_lite/topdown.py (image, input) and sapiens_lite/codec.py
-(heatmap).
+(heatmap). Not reproduced: the Sapiens configs' Albumentations step (blur / median blur p=0.1,
+one coarse-dropout hole of 20-40% of the crop).
 
 Reproducibility: the augmentation of item i in epoch e draws from numpy's generator seeded with
 (seed, e, i), so a resumed run or any number of DataLoader workers produce the same crops. Call
@@ -263,8 +264,9 @@ def make_item(
     """Crop, augment (when `aug` and `rng` are given) and encode one person.
 
     img: RGB uint8 [H0, W0, 3] in the image frame. Returns img [3, H, W] float (normalised),
-    heatmaps [K, h, w], target_weight [K], keypoints [K, 2] (input frame) and meta (center, scale,
-    rotation of the crop in the image frame, bbox, ids, flip flag).
+    keypoints [K, 2] (input frame, after flip/channel swap), visible [K], meta (center, scale,
+    rotation of the crop in the image frame, bbox, ids, flip flag) and, with `encode_targets`,
+    heatmaps [K, h, w] and target_weight [K] (codec.encode_heatmaps).
     """
     H, W = spec.input_size
     padding = aug.bbox_padding if aug is not None else topdown.BBOX_PADDING
@@ -469,6 +471,7 @@ class StreamDecoder:
     train: bool = True
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     image_key: str = "jpg"
+    encode_targets: bool = True
 
     def __call__(self, sample: dict) -> dict | None:
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
@@ -501,18 +504,23 @@ class StreamDecoder:
         rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF])
         person = people[int(rng.integers(len(people)))]
         img = decode_image_bytes(sample[self.image_key], where)
-        return make_item(
-            img, person, self.spec, self.augment if self.train else None, rng if self.train else None
-        )
+        if not self.train:
+            return make_item(img, person, self.spec, None, None, self.encode_targets)
+        return make_item(img, person, self.spec, self.augment, rng, self.encode_targets)
 
 
-def build_pose_stream(wds, cfg, **kwargs):
-    """The webdataset stream of `cfg.data.train_shards` for a `FinetuneConfig` (wds injected)."""
+def build_pose_stream(wds, cfg, *, image_key: str = "jpg", encode_targets: bool = True, **kwargs):
+    """The webdataset stream of `cfg.data.train_shards` for a `FinetuneConfig` (wds injected).
+
+    Extra keywords go to `sapiens_lite.data.stream.build_stream` (rank, world_size, mode, ...).
+    """
     from sapiens_lite.data.stream import build_stream
 
     m = cfg.model
     spec = TargetSpec(get_scheme(m.scheme), tuple(m.input_size), m.sigma, tuple(m.mean), tuple(m.std))
-    decode = StreamDecoder(spec, train=True, augment=cfg.data.augment)
+    decode = StreamDecoder(
+        spec, train=True, augment=cfg.data.augment, image_key=image_key, encode_targets=encode_targets
+    )
     return build_stream(
         wds,
         cfg.data.train_shards,

@@ -119,13 +119,20 @@ def gt_instances(gt: dict, *, min_box_size: float = 1.0) -> tuple[list[Instance]
             continue
         im = images.get(a["image_id"])
         if im is None:
-            raise UserError(f"annotation {a.get('id', i)} refers to image_id {a['image_id']}, which is not in 'images'")
+            raise UserError(
+                f"annotation {a.get('id', i)} refers to image_id {a['image_id']}, which is not in 'images'"
+            )
         out.append(Instance(a["image_id"], im["file_name"], (x, y, w, h), 1.0, i))
     return out, skipped
 
 
 def detection_instances(
-    gt: dict, detections: list[dict], *, score_thr: float = 0.0, min_box_size: float = 1.0, source: str = "detections"
+    gt: dict,
+    detections: list[dict],
+    *,
+    score_thr: float = 0.0,
+    min_box_size: float = 1.0,
+    source: str = "detections",
 ) -> tuple[list[Instance], int]:
     """Person detections above `score_thr` on images of the GT file (other images are ignored)."""
     images = {im["id"]: im for im in gt["images"]}
@@ -142,7 +149,9 @@ def detection_instances(
         if not (w >= min_box_size and h >= min_box_size):
             skipped += 1
             continue
-        out.append(Instance(d["image_id"], images[d["image_id"]]["file_name"], (x, y, w, h), float(d["score"])))
+        out.append(
+            Instance(d["image_id"], images[d["image_id"]]["file_name"], (x, y, w, h), float(d["score"]))
+        )
     return out, skipped
 
 
@@ -175,7 +184,9 @@ def oks_matrix(kpts: np.ndarray, areas: np.ndarray, sigmas, vis: np.ndarray | No
     return np.where(both.sum(-1) > 0, (sim * both).sum(-1) / np.maximum(both.sum(-1), 1), 0.0)
 
 
-def oks_nms(kpts: np.ndarray, scores: np.ndarray, areas: np.ndarray, sigmas, thr: float = 0.9, vis=None) -> list[int]:
+def oks_nms(
+    kpts: np.ndarray, scores: np.ndarray, areas: np.ndarray, sigmas, thr: float = 0.9, vis=None
+) -> list[int]:
     """Greedy NMS on OKS (one image): keep the best pose, drop poses with OKS > thr to it, repeat."""
     order = list(np.argsort(-scores, kind="stable"))
     oks = oks_matrix(kpts, areas, sigmas, vis)
@@ -211,7 +222,9 @@ def to_coco_results(
         for ids in by_image.values():
             ids = np.array(ids)
             areas = np.array([instances[i].bbox[2] * instances[i].bbox[3] for i in ids])
-            kept = oks_nms(keypoints[ids], scores[ids], areas, sigmas, nms_thr)  # all keypoints, as mmpose CocoMetric
+            kept = oks_nms(
+                keypoints[ids], scores[ids], areas, sigmas, nms_thr
+            )  # all keypoints, as mmpose CocoMetric
             keep.extend(int(ids[k]) for k in kept)
         keep.sort()
     results = []
@@ -231,7 +244,9 @@ def to_coco_results(
 # ---- 4. metrics ---------------------------------------------------------------------------------
 
 
-def coco_keypoint_metrics(gt: dict, results: list[dict], sigmas, *, verbose: bool = False) -> dict[str, float]:
+def coco_keypoint_metrics(
+    gt: dict, results: list[dict], sigmas, *, verbose: bool = False
+) -> dict[str, float]:
     """OKS AP / AR of `results` against the COCO keypoint dict `gt`, with per-keypoint `sigmas`.
 
     pycocotools takes the sigmas from `params.kpt_oks_sigmas`, so any K works as long as every GT and
@@ -290,13 +305,17 @@ def wholebody_metrics(gt: dict, results: list[dict], sigmas, *, verbose: bool = 
     assert len(sigmas) == 133, len(sigmas)
     out = {}
     for part, (a, b) in WHOLEBODY_PARTS.items():
-        m = coco_keypoint_metrics(slice_keypoints(gt, a, b), slice_keypoints(results, a, b), sigmas[a:b], verbose=verbose)
+        m = coco_keypoint_metrics(
+            slice_keypoints(gt, a, b), slice_keypoints(results, a, b), sigmas[a:b], verbose=verbose
+        )
         out[f"{part}/AP"] = m["AP"]
         out[f"{part}/AR"] = m["AR"]
     return out
 
 
-def pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, box_size: np.ndarray, thr: float = 0.05) -> float:
+def pck(
+    pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, box_size: np.ndarray, thr: float = 0.05
+) -> float:
     """Fraction of visible GT keypoints predicted within `thr` x box size (max(w, h) of the GT box).
 
     pred, gt: [N, K, 2]; visible: [N, K] bool; box_size: [N]. NaN when nothing is visible.
@@ -389,7 +408,9 @@ def predict_instances(
             x = ((batch["img"].to(device).float() - mean) / std).to(dtype)  # [B, 3, H, W]
             heatmaps = model.predict(x, flip_test=flip_test)  # [B, K, h, w]
             xy, s = codec.decode_heatmaps(heatmaps, input_size=input_size)  # input frame, [B, K, 2]
-            xy_img = codec.keypoints_to_image(xy.cpu().numpy(), batch["center"].numpy(), batch["scale"].numpy(), input_size)
+            xy_img = codec.keypoints_to_image(
+                xy.cpu().numpy(), batch["center"].numpy(), batch["scale"].numpy(), input_size
+            )
             idx = batch["index"].numpy()
             kpts[idx] = xy_img[..., :2]
             scores[idx] = s.cpu().numpy()
@@ -428,28 +449,47 @@ def evaluate_model(
         instances, skipped = gt_instances(gt)
     else:
         dets = read_json(cfg.detections, "detections")
-        instances, skipped = detection_instances(gt, dets, score_thr=cfg.det_score_thr, source=str(cfg.detections))
+        instances, skipped = detection_instances(
+            gt, dets, score_thr=cfg.det_score_thr, source=str(cfg.detections)
+        )
     if skipped:
         log.warning("%s: skipped %d degenerate boxes (w or h < 1 pixel)", cfg.detections or ann_file, skipped)
     if not instances:
         raise UserError(f"{cfg.detections or ann_file}: no person boxes to evaluate")
 
     kpts, scores, ok = predict_instances(
-        model, instances, image_root, flip_test=cfg.flip_test, batch_size=cfg.batch_size,
-        num_workers=num_workers, device=device, progress=progress,
+        model,
+        instances,
+        image_root,
+        flip_test=cfg.flip_test,
+        batch_size=cfg.batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=progress,
     )
     missing = sorted({instances[i].file_name for i in np.flatnonzero(~ok)})
     if missing:
-        log.warning("%d images missing or unreadable under %s (skipped), e.g. %s", len(missing), image_root, missing[0])
+        log.warning(
+            "%d images missing or unreadable under %s (skipped), e.g. %s",
+            len(missing),
+            image_root,
+            missing[0],
+        )
         if len(missing) == len({ins.file_name for ins in instances}):
-            raise UserError(f"{image_root}: none of the {len(missing)} val images could be read (e.g. {missing[0]})")
+            raise UserError(
+                f"{image_root}: none of the {len(missing)} val images could be read (e.g. {missing[0]})"
+            )
         # Those people still count as GT: missing images lower the AP instead of hiding a problem.
         instances = [ins for ins, o in zip(instances, ok) if o]
         kpts, scores = kpts[ok], scores[ok]
 
     # GT boxes: one box per person, nothing to suppress. Detections: several boxes per person -> OKS-NMS.
     results = to_coco_results(
-        instances, kpts, scores, kpt_score_thr=cfg.kpt_score_thr, sigmas=scheme.sigmas,
+        instances,
+        kpts,
+        scores,
+        kpt_score_thr=cfg.kpt_score_thr,
+        sigmas=scheme.sigmas,
         nms_thr=None if use_gt_boxes else cfg.nms_thr,
     )
     metrics: dict = coco_keypoint_metrics(gt, results, scheme.sigmas)

@@ -16,8 +16,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 from finetune.config import FinetuneConfig, InitConfig
 from sapiens_lite.errors import UserError
 from sapiens_lite.keypoints import canonical_name, get_scheme
@@ -82,7 +80,9 @@ def _load_vit(model: PoseModel, vit, source: str) -> None:
 
     c = vit.config.resolved()
     grid = tuple((s + 2 * c.patch_padding - c.patch_size) // c.patch_size + 1 for s in c.img_size)
-    hints = Hints(embed_dim=c.embed_dim, depth=c.depth, patch_size=c.patch_size, grid=grid, cls_token=c.cls_token)
+    hints = Hints(
+        embed_dim=c.embed_dim, depth=c.depth, patch_size=c.patch_size, grid=grid, cls_token=c.cls_token
+    )
     _load_converted_backbone(model, Converted(source=source, backbone=vit.state_dict(), hints=hints))
 
 
@@ -134,12 +134,18 @@ def _hub_model_type(repo_id: str, revision: str | None) -> str | None:
     try:
         f = hf_hub_download(repo_id, "config.json", revision=revision)
     except Exception as e:  # offline, unknown repo, no access: say which and why
-        raise UserError(f"init.path {repo_id}: cannot read config.json from the Hub ({type(e).__name__}: {e})") from None
+        raise UserError(
+            f"init.path {repo_id}: cannot read config.json from the Hub ({type(e).__name__}: {e})"
+        ) from None
     return json.loads(Path(f).read_text()).get("model_type")
 
 
 def load_pose_checkpoint(
-    path: str, *, expected_scheme: str | None = None, model_cfg: PoseConfig | None = None, revision: str | None = None
+    path: str,
+    *,
+    expected_scheme: str | None = None,
+    model_cfg: PoseConfig | None = None,
+    revision: str | None = None,
 ) -> PoseModel:
     """A `PoseModel` from a folder / Hub id, or a Sapiens pose `.pth` (built from `model_cfg`).
 
@@ -210,8 +216,13 @@ class EvalHook:
         m: dict = {}
         if engine.is_main:
             m = evaluate_model(
-                model, self.cfg.data.val_ann, self.cfg.data.val_images, self.cfg.eval,
-                device=engine.device, progress=False,
+                model,
+                self.cfg.data.val_ann,
+                self.cfg.data.val_images,
+                self.cfg.eval,
+                device=engine.device,
+                num_workers=self.cfg.data.num_workers,
+                progress=False,
             )
             m = {"step": step, **m}
             self.history.append(m)
@@ -277,7 +288,12 @@ def train(cfg: FinetuneConfig) -> dict:
         layer_id_fn=vit_layer_id,
     )
     engine = Engine(
-        deepspeed, model, cfg.engine, cfg.optim, param_groups=groups, config_to_save=cfg,
+        deepspeed,
+        model,
+        cfg.engine,
+        cfg.optim,
+        param_groups=groups,
+        config_to_save=cfg,
         flops_per_sample=forward_flops(cfg.model.backbone, cfg.model.input_size),
     )
     engine.resume()
@@ -290,8 +306,13 @@ def train(cfg: FinetuneConfig) -> dict:
         if dataset.skipped:
             print(f"[finetune] {cfg.data.train_ann}: skipped {dict(dataset.skipped)}", flush=True)
         loader = _EpochLoader(
-            dataset, cfg.engine.micro_batch_size, rank=engine.rank, world_size=engine.world_size,
-            seed=cfg.engine.seed, num_workers=cfg.data.num_workers, pin_memory=engine.device.type == "cuda",
+            dataset,
+            cfg.engine.micro_batch_size,
+            rank=engine.rank,
+            world_size=engine.world_size,
+            seed=cfg.engine.seed,
+            num_workers=cfg.data.num_workers,
+            pin_memory=engine.device.type == "cuda",
         )
     loss_fn = build_loss(cfg.loss)
 

@@ -43,19 +43,33 @@ def add_data_command(subparsers) -> None:
     )
     src = k.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="a folder of images (recursive: jpg, png, webp, ...)")
-    src.add_argument("--coco", metavar="JSON", help="a COCO keypoint annotation file (17 / WholeBody 133 / 308)")
+    src.add_argument(
+        "--coco", metavar="JSON", help="a COCO keypoint annotation file (17 / WholeBody 133 / 308)"
+    )
     src.add_argument("--synth", metavar="N", type=int, help="synthesize N images and pack them")
     k.add_argument("--image-root", metavar="DIR", help="with --coco: the folder holding its images")
     k.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards")
-    k.add_argument("--max-samples", type=int, default=1000, help="samples per shard (default 1000)")
-    k.add_argument("--max-bytes", type=_parse_bytes, default=None, help="bytes per shard, e.g. 500M or 2G")
+    k.add_argument(
+        "--max-samples", type=int, default=1000, metavar="N", help="samples per shard (default 1000)"
+    )
+    k.add_argument(
+        "--max-bytes",
+        type=_parse_bytes,
+        default=None,
+        metavar="BYTES",
+        help="bytes per shard, e.g. 500M or 2G",
+    )
     k.add_argument("--resize-long", type=int, default=None, metavar="PX", help="shrink long sides to PX")
-    k.add_argument("--quality", type=int, default=None, help="re-encode as JPEG at this quality")
-    k.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
+    k.add_argument("--quality", type=int, default=None, metavar="Q", help="re-encode as JPEG at this quality")
+    k.add_argument("--workers", type=int, default=1, metavar="N", help="processes writing shards (default 1)")
     k.add_argument("--seed", type=int, default=0, help="with --synth: the synthesizer's seed")
-    k.add_argument("--synth-size", default="256x192", metavar="HxW", help="with --synth: image size (default 256x192)")
+    k.add_argument(
+        "--synth-size", default="256x192", metavar="HxW", help="with --synth: image size (default 256x192)"
+    )
     k.add_argument("--scheme", default="goliath308", help="with --synth: keypoint scheme")
-    k.add_argument("--people", default="1-4", metavar="MIN-MAX", help="with --synth: people per image (default 1-4)")
+    k.add_argument(
+        "--people", default="1-4", metavar="MIN-MAX", help="with --synth: people per image (default 1-4)"
+    )
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.set_defaults(func=run_pack_command)
 

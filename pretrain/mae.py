@@ -27,7 +27,8 @@ import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from sapiens_lite.models.vit import ViTConfig, VisionTransformer
+from sapiens_lite.errors import UserError
+from sapiens_lite.models.vit import VisionTransformer, ViTConfig
 from sapiens_lite.pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
 
 
@@ -61,7 +62,9 @@ class MAEConfig:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.decoder_dim % self.decoder_heads:
-            raise ValueError(f"decoder_dim {self.decoder_dim} is not a multiple of decoder_heads {self.decoder_heads}")
+            raise ValueError(
+                f"decoder_dim {self.decoder_dim} is not a multiple of decoder_heads {self.decoder_heads}"
+            )
         if self.decoder_dim % 4:
             raise ValueError(f"decoder_dim must be a multiple of 4 (2D sin-cos), got {self.decoder_dim}")
 
@@ -84,10 +87,18 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
         # fixed sin-cos; a parameter (not a buffer) so that MAE checkpoints keep their key
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, cfg.decoder_dim), requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + num_patches, cfg.decoder_dim), requires_grad=False
+        )
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.ModuleList(
-            Block(cfg.decoder_dim, cfg.decoder_heads, mlp_ratio=cfg.decoder_mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            Block(
+                cfg.decoder_dim,
+                cfg.decoder_heads,
+                mlp_ratio=cfg.decoder_mlp_ratio,
+                qkv_bias=True,
+                norm_layer=norm_layer,
+            )
             for _ in range(cfg.decoder_depth)
         )
         for blk in self.decoder_blocks:
@@ -174,7 +185,9 @@ class MaskedAutoencoder(nn.Module):
         x = enc.norm(x)
         return x, mask, ids_restore
 
-    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward_decoder(
+        self, x: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
         """x: latent [B, 1 + K, C]; ids_restore: [B, L]; grid: (gh, gw) -> pred [B, L, p*p*3]."""
         x = self.decoder_embed(x)  # [B, 1 + K, Cd]
         b, length = ids_restore.shape
@@ -233,7 +246,9 @@ class MaskedAutoencoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"encoder.pos_embed", "encoder.cls_token", "mask_token", "decoder_pos_embed"}
 
-    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """For pictures: (masked input, reconstruction with the visible patches pasted back), both [B, 3, H, W].
 
         With norm_pix_loss the prediction is in per-patch normalised units; it is mapped back with the
@@ -252,72 +267,63 @@ class MaskedAutoencoder(nn.Module):
 
 
 def load_pretrained(model: MaskedAutoencoder, checkpoint, *, source: str | None = None) -> dict:
-    """Start `model` from any checkpoint `sapiens_lite.convert` reads (path or state dict).
+    """Start `model` from any checkpoint `sapiens_lite.convert` reads (a path or a loaded dict).
 
-    The backbone part fills the encoder (MAE, timm, transformers ViT/ViTMAE, Sapiens `_clean.pth` ...):
-    its position grid is resampled to ours, a missing cls token keeps our initial one. A decoder in
-    the facebookresearch/mae layout (full MAE checkpoints, transformers ViTMAEForPreTraining) is
-    loaded when its shapes fit. Returns {"encoder": [keys loaded], "decoder": [...], "kept": [keys
-    left at their initial value], "source": str}. Shape mismatches raise ValueError naming the key.
+    The backbone part fills the encoder (MAE, timm, transformers ViTMAE, Sapiens `_clean.pth` and
+    pose `.pth` ...): its position grid is resampled to ours (e.g. 64x64 -> 64x48) and a checkpoint
+    without cls token keeps our initial one. A decoder in the facebookresearch/mae layout (full MAE
+    checkpoints, transformers ViTMAEForPreTraining) is loaded too. Returns {"source", "encoder":
+    [keys loaded], "decoder": [...], "kept": [keys left at their initial value]}. A checkpoint of
+    another width/depth/patch size raises UserError naming both values.
     """
     from sapiens_lite.convert import convert_state_dict, load_checkpoint_file
 
     if not isinstance(checkpoint, dict):
         checkpoint = load_checkpoint_file(checkpoint)
-    converted = convert_state_dict(checkpoint, source=source)
-    backbone = dict(converted.backbone)
-    enc = model.encoder
-
-    if "pos_embed" in backbone:
-        pos = backbone["pos_embed"].float()  # [1, prefix + N, C]
-        num_pos = pos.shape[1]
-        # checkpoints store no grid: a leading cls row exists iff the rest is a plausible (gh, gw) grid
-        with_cls, without = _is_grid_count(num_pos - 1), _is_grid_count(num_pos)
-        prefix = int(with_cls and (not without or "cls_token" in backbone))
-        old_grid = _infer_grid(num_pos - prefix, like=enc.grid_size)
-        patch_pos = resample_pos_embed(pos[:, prefix:], enc.grid_size, old_grid, 0)  # [1, L, C]
-        cls_pos = pos[:, :1] if prefix else enc.pos_embed.data[:, :1].float()
-        backbone["pos_embed"] = torch.cat([cls_pos, patch_pos], dim=1)
-
-    own = enc.state_dict()
-    for k, v in backbone.items():
-        if k not in own:
-            raise ValueError(f"checkpoint key {k!r} has no place in the {enc.config.arch} encoder")
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(
-                f"checkpoint key {k!r} has shape {tuple(v.shape)}, the encoder expects {tuple(own[k].shape)} "
-                f"(arch {enc.config.arch}, img_size {enc.config.img_size})"
+    conv = convert_state_dict(checkpoint, source=source)
+    hints, enc_cfg = conv.hints, model.encoder.config
+    for name, ours, theirs in [
+        ("embed_dim", enc_cfg.embed_dim, hints.embed_dim),
+        ("depth", enc_cfg.depth, hints.depth),
+        ("patch_size", enc_cfg.patch_size, hints.patch_size),
+    ]:
+        if ours != theirs:
+            raise UserError(
+                f"{conv.source} checkpoint has {name}={theirs}, the MAE encoder ({enc_cfg.arch}) has {name}={ours}"
             )
-    enc.load_state_dict(backbone, strict=False)
 
-    decoder = dict(converted.decoder or {})
-    own_dec = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    backbone = dict(conv.backbone)
+    pos = backbone["pos_embed"].float()  # [1, (1) + gh*gw, C] at the checkpoint's grid
+    patch_pos = pos[:, 1:] if hints.cls_token else pos  # [1, gh*gw, C]
+    patch_pos = resample_pos_embed(patch_pos, model.grid_size, hints.grid)  # [1, L, C]
+    cls_pos = pos[:, :1] if hints.cls_token else model.encoder.pos_embed.data[:, :1].float()  # [1, 1, C]
+    backbone["pos_embed"] = torch.cat([cls_pos, patch_pos], dim=1)  # [1, 1 + L, C]
+    missing, unexpected = model.encoder.load_state_dict(backbone, strict=False)
+    assert not unexpected, unexpected  # the converter checked the key set against the same ViT
+
+    decoder = dict(conv.decoder or {})
     if decoder:
-        if "decoder_pos_embed" in decoder and decoder["decoder_pos_embed"].shape != own_dec["decoder_pos_embed"].shape:
-            decoder.pop("decoder_pos_embed")  # fixed sin-cos: ours is already right for our grid
-        bad = [k for k, v in decoder.items() if k not in own_dec or tuple(v.shape) != tuple(own_dec[k].shape)]
-        if bad:
-            raise ValueError(f"decoder keys that do not fit this MAE decoder (width/depth/patch): {bad[:5]}")
+        dec_cfg = (model.config.decoder_dim, model.config.decoder_depth)
+        theirs = (
+            decoder["decoder_embed.weight"].shape[0],
+            len({k.split(".")[1] for k in decoder if k.startswith("decoder_blocks.")}),
+        )
+        if dec_cfg != theirs:
+            raise UserError(
+                f"{conv.source} checkpoint has a {theirs[0]}-wide, {theirs[1]}-block MAE decoder; "
+                f"the model's is {dec_cfg[0]}-wide with {dec_cfg[1]} blocks (model.decoder_dim / decoder_depth)"
+            )
+        if decoder["decoder_pos_embed"].shape != model.decoder_pos_embed.shape:
+            decoder.pop("decoder_pos_embed")  # fixed sin-cos of another grid: ours is the one for our grid
         model.load_state_dict(decoder, strict=False)
-    kept = [f"encoder.{k}" for k in own if k not in backbone] + [k for k in own_dec if k not in decoder]
+    own = model.state_dict()
+    loaded = {f"encoder.{k}" for k in backbone} | set(decoder)
     return {
+        "source": conv.source,
         "encoder": sorted(backbone),
         "decoder": sorted(decoder),
-        "kept": sorted(kept),
-        "source": str(getattr(converted, "source", source)),
+        "kept": sorted(k for k in own if k not in loaded),
     }
-
-
-def _is_grid_count(n: int) -> bool:
-    """True if n patches can be a plausible grid (a product gh*gw with 1/2 <= gh/gw <= 2)."""
-    return any(n % gh == 0 and 0.5 <= gh / (n // gh) <= 2 for gh in range(1, n + 1))
-
-
-def _infer_grid(n: int, like: tuple[int, int]) -> tuple[int, int]:
-    """The (gh, gw) with gh*gw == n whose aspect ratio is closest to `like` (checkpoints store no grid)."""
-    target = like[0] / like[1]
-    pairs = [(gh, n // gh) for gh in range(1, n + 1) if n % gh == 0]
-    return min(pairs, key=lambda g: abs(g[0] / g[1] - target))
 
 
 def _init_linear_and_norm(m: nn.Module) -> None:
@@ -416,7 +422,10 @@ def mae_vit_small_patch16_dec512d8b(**kw) -> MaskedAutoencoder:
 def mae_vit_tiny_patch16_dec128d2b(**kw) -> MaskedAutoencoder:
     """A small one for CPU runs: ViT-Tiny encoder, 128-wide 2-block decoder."""
     return MaskedAutoencoder(
-        mae_config("vit_tiny", **{"img_size": (128, 96), "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4, **kw})
+        mae_config(
+            "vit_tiny",
+            **{"img_size": (128, 96), "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4, **kw},
+        )
     )
 
 

@@ -141,7 +141,9 @@ def collect_folder(root: str | os.PathLike) -> tuple[list[PackItem], dict]:
     items = []
     for i, rel in enumerate(rels):
         path = root / rel
-        items.append(PackItem(f"{i:08d}_{_safe_name(rel)}", str(path), {"file_name": rel}, path.stat().st_size))
+        items.append(
+            PackItem(f"{i:08d}_{_safe_name(rel)}", str(path), {"file_name": rel}, path.stat().st_size)
+        )
     return items, {"type": "folder", "path": str(root.resolve()), "num_inputs": len(items)}
 
 
@@ -199,7 +201,15 @@ def _person_annotation(person) -> dict:
 
 
 def synthesize_source(
-    out_dir: Path, num_images: int, *, seed: int, size, scheme: str, people, workers: int, progress: bool = True
+    out_dir: Path,
+    num_images: int,
+    *,
+    seed: int,
+    size,
+    scheme: str,
+    people,
+    workers: int,
+    progress: bool = True,
 ):
     """Synthesize into out_dir/.synth (reused by a resumed run) and collect it as a COCO source."""
     from sapiens_lite.data.synth import synthesize
@@ -406,7 +416,9 @@ def pack(
     else:
         stray = sorted(p.name for p in out.glob("*.tar"))
         if stray:
-            raise UserError(f"{out} already holds shards ({stray[0]}, ...) not written by `sapiens data pack`")
+            raise UserError(
+                f"{out} already holds shards ({stray[0]}, ...) not written by `sapiens data pack`"
+            )
         _atomic_write_text(plan_path, json.dumps(plan, indent=1))
     for stale in out.glob("shard-*.tar.*.tmp"):  # left by an interrupted run
         stale.unlink(missing_ok=True)
@@ -467,8 +479,9 @@ class ShardReport:
     keypoint_counts: dict = field(default_factory=dict)  # K -> number of people with K keypoints
 
 
-def inspect_shards(wds, spec: str, *, sheet: str | None = None, num_images: int = 16, cols: int = 4,
-                   tile_size: int = 256) -> list[ShardReport]:
+def inspect_shards(
+    wds, spec: str, *, sheet: str | None = None, num_images: int = 16, cols: int = 4, tile_size: int = 256
+) -> list[ShardReport]:
     """Count samples and keypoint annotations per shard; optionally write a contact sheet."""
     from sapiens_lite.data.stream import resolve_shards
 
@@ -529,7 +542,9 @@ def format_report(reports: list[ShardReport]) -> str:
     width = max(len(os.path.basename(r.url)) for r in reports)
     lines = [f"{'shard':<{width}}  {'samples':>8}  {'people':>8}  {'keypoints':>10}"]
     for r in reports:
-        lines.append(f"{os.path.basename(r.url):<{width}}  {r.num_samples:>8}  {r.num_people:>8}  {r.num_keypoints:>10}")
+        lines.append(
+            f"{os.path.basename(r.url):<{width}}  {r.num_samples:>8}  {r.num_people:>8}  {r.num_keypoints:>10}"
+        )
     total = ShardReport("total")
     for r in reports:
         total.num_samples += r.num_samples
@@ -537,11 +552,15 @@ def format_report(reports: list[ShardReport]) -> str:
         total.num_keypoints += r.num_keypoints
         for k, n in r.keypoint_counts.items():
             total.keypoint_counts[k] = total.keypoint_counts.get(k, 0) + n
-    lines.append(f"{'total':<{width}}  {total.num_samples:>8}  {total.num_people:>8}  {total.num_keypoints:>10}")
+    lines.append(
+        f"{'total':<{width}}  {total.num_samples:>8}  {total.num_people:>8}  {total.num_keypoints:>10}"
+    )
     lines.append(f"{len(reports)} shards, {total.num_samples} samples")
     if total.keypoint_counts:
         kinds = ", ".join(f"{n} with {k} keypoints" for k, n in sorted(total.keypoint_counts.items()))
-        lines.append(f"keypoint annotations: {total.num_people} people ({kinds}), {total.num_keypoints} labelled keypoints")
+        lines.append(
+            f"keypoint annotations: {total.num_people} people ({kinds}), {total.num_keypoints} labelled keypoints"
+        )
     else:
         lines.append("keypoint annotations: none")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ API
                  mode="epoch" | "resampled", shuffle_buffer=1000, shard_shuffle=True, collate=None,
                  drop_last=True, batches_per_epoch=None, pin_memory=False) -> StreamLoader
     StreamLoader: `for batch in loader` (one epoch, or forever in resampled mode without
-        batches_per_epoch), `len(loader)` (batches per epoch per rank), `set_epoch(e)`,
+        batches_per_epoch), `loader.forever()` (epoch after epoch), `len(loader)` (batches per
+        epoch per rank), `set_epoch(e)`,
         `state_dict()` / `load_state_dict(sd)`, `stats` (decoded / skipped with reasons),
         `num_samples`, `shards`.
     resolve_shards(wds, urls) -> list[Shard]: the shard list with per-shard sample counts.
@@ -41,7 +42,8 @@ Epoch mode: exactly once, the same number of batches on every rank
     no sample is read by two slots. Within a slot, samples are shuffled in blocks of
     `shuffle_buffer` consecutive samples (a permutation seeded by (seed, epoch, rank, worker,
     block)). Block shuffling instead of a streaming buffer makes a position cheap to restore: a
-    resume skips whole shards unread and at most one block's samples undecoded.
+    resume skips whole shards unread and at most one block's samples undecoded. Each worker holds
+    one block of encoded samples in memory (shuffle_buffer x the mean sample size).
 
 Resampled mode
     Each slot draws shards with replacement from (seed, epoch, rank, worker) and reads them whole,
@@ -52,8 +54,9 @@ Bad data never kills or hangs the run
     naming its key; a shard that cannot be opened or ends early (truncated tar) has its missing
     samples skipped with a warning naming the shard. Both are counted in `stats` by reason. A
     slot that loses samples keeps reading past the end of its range (the next slot's samples,
-    counted as repeated) so that every rank still yields exactly L batches; only a full pass
-    over the data without one decodable sample raises.
+    counted as repeated) so that every rank still yields exactly L batches. Two things raise
+    instead of spinning: a worker whose first 50 decode attempts all raise (a broken `decode`,
+    not bad data) and two passes over the data without one decodable sample.
 
 Resume
     `state_dict()` -> {"epoch", "batches_in_epoch", "positions", ...}: each worker's position in
@@ -92,6 +95,7 @@ from sapiens_lite.errors import UserError
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
+DECODE_BUG_THRESHOLD = 50  # decode errors before any success that mean a broken decode, not bad data
 _MASK64 = (1 << 64) - 1
 
 
@@ -142,7 +146,8 @@ def _counts_from_neighbour_index(urls: list[str]) -> dict[str, int]:
         if not os.path.isfile(path):
             continue
         try:
-            entries = json.loads(open(path).read()).get("shards", [])
+            with open(path) as f:
+                entries = json.load(f).get("shards", [])
         except (OSError, ValueError, AttributeError):
             continue
         for e in entries:
@@ -362,7 +367,7 @@ class _Plan:
         collate = self.collate or torch.utils.data.default_collate
         buf: list = []
         since_good = 0
-        limit = 10 * self.total + 2 * self.shuffle_buffer
+        limit = 2 * self.total + 2 * self.shuffle_buffer  # two passes over the data
         while True:
             a, b = self.block(slot, p)
             raw = [next(reader) for _ in range(b - a)]
@@ -410,6 +415,13 @@ class _Plan:
             log.warning("skipping sample %s (%s): %s: %s", key, sample.get("__url__"), type(e).__name__, e)
             stats["skipped"] += 1
             stats[f"skipped:{type(e).__name__}"] += 1
+            failed = stats["skipped"] - stats["skipped:missing"] - stats["skipped:decode returned None"]
+            if stats["decoded"] == 0 and failed >= DECODE_BUG_THRESHOLD:
+                # Not bad data but a bad decode function: stop now instead of skipping every sample.
+                raise RuntimeError(
+                    f"the first {failed} samples of this worker all failed to decode (last: {key} in "
+                    f"{sample.get('__url__')}: {type(e).__name__}: {e}); is `decode` broken?"
+                ) from e
             return None
         if item is None:
             stats["skipped"] += 1
@@ -661,6 +673,11 @@ class StreamLoader:
                 yield batch
                 return
             yield batch
+
+    def forever(self):
+        """Batches across epochs without end (for step-based training loops)."""
+        while True:
+            yield from self
 
     def _fold_stats(self) -> None:
         self._base_stats = Counter(self.stats)

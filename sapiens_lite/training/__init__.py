@@ -7,7 +7,7 @@ nothing in this package imports it. See `engine.py` for how a trainer uses it.
 from sapiens_lite.training.checkpoint import consolidate_fp32
 from sapiens_lite.training.config import EngineConfig, OptimConfig
 from sapiens_lite.training.data import ResumableDistributedSampler, ResumableLoader
-from sapiens_lite.training.dist import seed_everything
+from sapiens_lite.training.dist import seed_everything, set_ds_accelerator_env
 from sapiens_lite.training.engine import Engine, EveryN, Hook, build_ds_config, global_batch_size
 from sapiens_lite.training.monitor import plot_log, read_log
 from sapiens_lite.training.optim import param_groups, vit_layer_id
@@ -30,5 +30,6 @@ __all__ = [
     "read_log",
     "scaled_lr",
     "seed_everything",
+    "set_ds_accelerator_env",
     "vit_layer_id",
 ]

@@ -22,9 +22,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Set by MPI launchers (`deepspeed --launcher openmpi`, mpirun); DeepSpeed then discovers ranks via mpi4py.
+_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
 def set_single_process_env() -> bool:
     """Without a launcher, fill in the env:// variables for a world of one. Returns True if it did."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return False
+    if any(v in os.environ for v in _MPI_VARS):
         return False
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -33,6 +39,17 @@ def set_single_process_env() -> bool:
     os.environ["LOCAL_RANK"] = "0"
     os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
     return True
+
+
+def set_ds_accelerator_env() -> str | None:
+    """Call before `import deepspeed`: DS_ACCELERATOR=cpu when torch sees no GPU (unless already set).
+
+    DeepSpeed fixes its accelerator when it is imported. Its own probe also falls back to cpu on a
+    machine without GPUs (with a warning); this makes the choice explicit. Returns the value in force.
+    """
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    return os.environ.get("DS_ACCELERATOR")
 
 
 def accelerator_name(deepspeed) -> str:
@@ -65,8 +82,11 @@ def init_distributed(deepspeed, backend: str = "auto") -> tuple[int, int, int, t
         )
     if not dist.is_initialized():
         set_single_process_env()
-        # MPI discovery would probe for mpi4py; launchers already set RANK/WORLD_SIZE.
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        if accel == "cuda":  # before the process group, so NCCL binds this rank's GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # With RANK/WORLD_SIZE set (torchrun, the deepspeed launcher, or us) DeepSpeed uses them;
+        # under an MPI launcher it discovers them through mpi4py.
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel == "cuda":

@@ -14,6 +14,10 @@ A trainer imports deepspeed and hands the module in; this file never imports it.
     summary = engine.fit(loader, step_fn, hooks=[EveryN(500, save_reconstructions)])
 
 One optimizer step = `grad_accum_steps` micro-batches per rank; `engine.step` counts optimizer steps.
+Hooks run on every rank. Under ZeRO-3 each rank holds only a partition of `engine.module`'s
+parameters: run forward passes through `engine.ds` on all ranks (it gathers them), and get full
+weights from a checkpoint with `consolidate_fp32`. With precision bf16 the module's parameters are
+bf16: wrap forward passes outside `fit` in `engine.autocast()`.
 A micro-batch whose loss is non-finite on any rank is dropped on every rank (no backward, no update,
 counted in `nonfinite_skipped`) and another one is drawn; `max_nonfinite` in a row save a checkpoint
 and raise `UserError`.
@@ -104,6 +108,9 @@ def build_ds_config(cfg: EngineConfig, optim: OptimConfig, world_size: int) -> d
     if cfg.precision == "bf16":
         # bf16 weights/activations, but gradients summed over micro-batches and ranks in fp32.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        # DeepSpeed runs the module's forward with autocast switched off unless this section enables
+        # it; with it, fp32 inputs meet the bf16 weights through autocast (norms and losses in fp32).
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return ds
 
 
@@ -179,11 +186,15 @@ class Engine:
             if param_groups is not None
             else default_param_groups(model, optim.weight_decay, layer_decay=optim.layer_decay)
         )
-        for g in groups:
+        for i, g in enumerate(groups):
+            g.setdefault("name", f"group_{i}")
             g.setdefault("lr_scale", 1.0)
             g.setdefault("weight_decay", optim.weight_decay)
         model.to(self.device)
         broadcast_module(model)
+        # Described before DeepSpeed initialises: ZeRO-3 then leaves every rank a partition only.
+        n_train = sum(p.numel() for g in groups for p in g["params"])
+        groups_text = describe_param_groups(groups)
         adamw = torch.optim.AdamW(groups, lr=self.base_lr, betas=tuple(optim.betas), eps=optim.eps)
         self.ds_config = build_ds_config(cfg, optim, self.world_size)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
@@ -214,13 +225,12 @@ class Engine:
                 lr_msg = f"lr = blr {optim.blr:g} x global batch {self.global_batch_size} / 256 = {self.base_lr:.4g}"
             else:
                 lr_msg = f"lr = {self.base_lr:.4g} (absolute; blr unused)"
-            n_train = sum(p.numel() for g in groups for p in g["params"])
             print(
                 f"[engine] world {self.world_size} on {self.device} ({self.ds_config['zero_optimization']}, "
                 f"{cfg.precision}); global batch {self.global_batch_size} = micro {cfg.micro_batch_size} x "
                 f"accum {cfg.grad_accum_steps} x world {self.world_size}\n[engine] {lr_msg}\n"
                 f"[engine] {n_train:,} trainable parameters in {len(groups)} AdamW groups:\n"
-                f"{describe_param_groups(groups)}",
+                f"{groups_text}",
                 flush=True,
             )
 
@@ -285,7 +295,9 @@ class Engine:
 
     # ---- one optimizer step ----
 
-    def _autocast(self):
+    def autocast(self):
+        """The precision context of training steps; use it for forward passes outside `fit` (evaluation hooks):
+        with precision bf16 the module's parameters are bf16, and autocast lets fp32 inputs meet them."""
         if self.cfg.precision == "bf16":
             # Parameters are bf16 (DeepSpeed); autocast casts fp32 inputs and keeps losses/norms in fp32.
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -298,7 +310,7 @@ class Engine:
         batch = None
         while done < self.cfg.grad_accum_steps:
             batch = _to_device(self._next_batch(), self.device)
-            with self._autocast():
+            with self.autocast():
                 loss, metrics = step_fn(self.ds, batch)
             bad = torch.tensor(
                 [0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=self.device
@@ -406,9 +418,9 @@ class Engine:
         values: dict[str, Any] = dict(zip(keys, t.tolist()))
         img_per_s = n_steps * self.global_batch_size / seconds if seconds > 0 else 0.0
         values.update(lr=lr, img_per_s=img_per_s, epoch=self.epoch, nonfinite_skipped=self.nonfinite_skipped)
-        data_skipped = getattr(self._data, "num_skipped", None)
-        if data_skipped is not None:
-            values["data_skipped"] = int(data_skipped)
+        stats = getattr(self._data, "stats", None)  # the webdataset StreamLoader counts bad samples
+        if isinstance(stats, dict) and "skipped" in stats:
+            values["data_skipped"] = int(stats["skipped"])
         if self._peak is not None:
             values["mfu"] = mfu(self.flops_per_sample, img_per_s, self._peak[0], self.world_size)
         self._logger.log(self.step, values)

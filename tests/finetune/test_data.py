@@ -285,3 +285,39 @@ def test_augment_config_validation():
         AugmentConfig(flip_prob=1.5)
     with pytest.raises(ValueError, match="scale_range"):
         AugmentConfig(scale_range=(1.5, 0.5))
+
+
+def test_pose_stream_from_webdataset_shards(tmp_path):
+    """build_pose_stream: shards of KEY.png + KEY.json through sapiens_lite.data.stream give the same items."""
+    wds = pytest.importorskip("webdataset")
+    from types import SimpleNamespace
+
+    from finetune.data import build_pose_stream
+
+    person, img = _person_image(tmp_path)
+    _, png = cv2.imencode(".png", img[:, :, ::-1])
+    ann = {
+        "annotations": [
+            {
+                "id": 7,
+                "image_id": 1,
+                "bbox": person.bbox.tolist(),
+                "keypoints": person.keypoints.ravel().tolist(),
+            }
+        ]
+    }
+    shard = tmp_path / "train-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"s{i:03d}", "png": png.tobytes(), "json": json.dumps(ann).encode()})
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(scheme="coco17", input_size=INPUT, sigma=2.0, mean=(0, 0, 0), std=(1, 1, 1)),
+        data=SimpleNamespace(train_shards=str(shard), augment=NO_AUG, num_workers=0),
+        engine=SimpleNamespace(micro_batch_size=2, seed=0),
+    )
+    loader = build_pose_stream(wds, cfg, rank=0, world_size=1, image_key="png")
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0]["img"].shape == (2, 3, 64, 48)
+    ref = TopDownDataset([person], _spec(), train=False)[0]
+    torch.testing.assert_close(batches[0]["heatmaps"][0], ref["heatmaps"])
+    assert batches[1]["meta"]["ann_id"].tolist() == [7, 7]

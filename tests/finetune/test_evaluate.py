@@ -31,7 +31,7 @@ def make_gt_and_results(k: int, seed: int = 0, images: int = 4, people: int = 2)
     results = []
     for img in range(1, images + 1):
         gt["images"].append({"id": img, "file_name": f"{img}.jpg", "width": 640, "height": 480})
-        for p in range(people):
+        for _ in range(people):
             x0, y0 = rng.uniform(0, 300), rng.uniform(0, 200)
             w, h = rng.uniform(60, 300), rng.uniform(80, 260)
             xy = np.stack([x0 + rng.uniform(0, w, k), y0 + rng.uniform(0, h, k)], 1)
@@ -53,7 +53,12 @@ def make_gt_and_results(k: int, seed: int = 0, images: int = 4, people: int = 2)
             noise = rng.normal(0, rng.uniform(1, 25), (k, 2))
             pred = np.concatenate([xy + noise, rng.uniform(0.3, 1, (k, 1))], 1)
             results.append(
-                {"image_id": img, "category_id": 1, "keypoints": pred.reshape(-1).tolist(), "score": float(rng.random())}
+                {
+                    "image_id": img,
+                    "category_id": 1,
+                    "keypoints": pred.reshape(-1).tolist(),
+                    "score": float(rng.random()),
+                }
             )
     return gt, results
 
@@ -91,7 +96,9 @@ def test_wholebody_part_ap_matches_direct_pycocotools_on_the_slice():
     ours = wholebody_metrics(gt, results, sigmas)
     assert set(ours) >= {"body/AP", "foot/AP", "face/AP", "lefthand/AP", "righthand/AP", "wholebody/AP"}
     a, b = 91, 112  # left hand
-    gt_part = dict(gt, annotations=[dict(x, keypoints=x["keypoints"][3 * a : 3 * b]) for x in gt["annotations"]])
+    gt_part = dict(
+        gt, annotations=[dict(x, keypoints=x["keypoints"][3 * a : 3 * b]) for x in gt["annotations"]]
+    )
     res_part = [dict(r, keypoints=r["keypoints"][3 * a : 3 * b]) for r in results]
     ref = direct_cocoeval(gt_part, res_part, sigmas[a:b])
     assert ours["lefthand/AP"] == pytest.approx(ref[0])
@@ -114,14 +121,20 @@ def test_rescore_and_results_format():
     np.testing.assert_allclose(s, [0.5 * 0.8, 0.0])
     ins = [Instance(3, "a.jpg", (0, 0, 10, 10), 0.5)]
     res = to_coco_results(ins, np.zeros((1, 17, 2)), np.full((1, 17), 0.6))
-    assert res[0]["category_id"] == 1 and len(res[0]["keypoints"]) == 51 and res[0]["score"] == pytest.approx(0.3)
+    assert (
+        res[0]["category_id"] == 1
+        and len(res[0]["keypoints"]) == 51
+        and res[0]["score"] == pytest.approx(0.3)
+    )
 
 
 def test_oks_nms_drops_duplicates_keeps_distinct():
     rng = np.random.default_rng(0)
     a = rng.uniform(0, 100, (17, 2))
     kpts = np.stack([a, a + 0.5, a + 300])  # 0 and 1 are the same person
-    keep = oks_nms(kpts, np.array([0.8, 0.9, 0.7]), np.full(3, 100.0 * 100.0), get_scheme("coco17").sigmas, 0.9)
+    keep = oks_nms(
+        kpts, np.array([0.8, 0.9, 0.7]), np.full(3, 100.0 * 100.0), get_scheme("coco17").sigmas, 0.9
+    )
     assert keep == [1, 2]
 
 
@@ -133,7 +146,10 @@ def test_bad_input_errors_and_skips():
     gt["annotations"][0]["bbox"] = [5, 5, 0, 10]  # degenerate box: counted and skipped
     inst, skipped = gt_instances(gt)
     assert skipped == 1 and len(inst) == 1
-    dets = [{"image_id": 1, "bbox": [0, 0, 50, 80], "score": 0.9}, {"image_id": 1, "bbox": [0, 0, 50, 80], "score": 0.1}]
+    dets = [
+        {"image_id": 1, "bbox": [0, 0, 50, 80], "score": 0.9},
+        {"image_id": 1, "bbox": [0, 0, 50, 80], "score": 0.1},
+    ]
     inst, _ = detection_instances(gt, dets, score_thr=0.5)
     assert len(inst) == 1
     with pytest.raises(UserError, match="lacks"):
@@ -170,8 +186,14 @@ def test_evaluate_model_end_to_end_writes_results_and_counts_missing_images(tmp_
 
     gt = _write_val_set(tmp_path, images=3)
     (tmp_path / "img" / gt["images"][0]["file_name"]).unlink()  # a missing image: counted, skipped
-    m = evaluate_model(_tiny_model(), tmp_path / "val.json", tmp_path / "img", EvalConfig(batch_size=3),
-                       out_dir=tmp_path / "out", progress=False)
+    m = evaluate_model(
+        _tiny_model(),
+        tmp_path / "val.json",
+        tmp_path / "img",
+        EvalConfig(batch_size=3),
+        out_dir=tmp_path / "out",
+        progress=False,
+    )
     assert m["missing_images"] == 1 and m["num_instances"] == 4
     assert 0.0 <= m["AP"] <= 1.0 and "PCK@0.05" in m
     res = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -192,12 +214,16 @@ def test_evaluate_model_with_detections_applies_nms(tmp_path):
 
     gt = _write_val_set(tmp_path, images=1)
     box = gt["annotations"][0]["bbox"]
-    dets = [{"image_id": 1, "bbox": box, "score": 0.9, "category_id": 1},
-            {"image_id": 1, "bbox": [box[0] + 0.5, box[1], box[2], box[3]], "score": 0.8, "category_id": 1},
-            {"image_id": 1, "bbox": box, "score": 0.01, "category_id": 1}]
+    dets = [
+        {"image_id": 1, "bbox": box, "score": 0.9, "category_id": 1},
+        {"image_id": 1, "bbox": [box[0] + 0.5, box[1], box[2], box[3]], "score": 0.8, "category_id": 1},
+        {"image_id": 1, "bbox": box, "score": 0.01, "category_id": 1},
+    ]
     (tmp_path / "dets.json").write_text(json.dumps(dets))
     cfg = EvalConfig(detections=str(tmp_path / "dets.json"), det_score_thr=0.05, flip_test=False)
-    m = evaluate_model(_tiny_model(), tmp_path / "val.json", tmp_path / "img", cfg, out_dir=tmp_path / "o", progress=False)
+    m = evaluate_model(
+        _tiny_model(), tmp_path / "val.json", tmp_path / "img", cfg, out_dir=tmp_path / "o", progress=False
+    )
     assert m["num_instances"] == 2 and "PCK@0.05" not in m
     # Two boxes on one person give near-identical poses: OKS-NMS keeps one.
     assert len(json.loads((tmp_path / "o" / "results.json").read_text())) == 1

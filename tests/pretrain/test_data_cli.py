@@ -24,16 +24,33 @@ def make_images(folder, n=5):
 def test_pack_then_inspect(tmp_path, capsys):
     src = make_images(tmp_path / "imgs")
     out = tmp_path / "shards"
-    assert main(["data", "pack", "--images", str(src), "--out", str(out), "--max-samples", "2", "--no-progress"]) == 0
+    assert (
+        main(["data", "pack", "--images", str(src), "--out", str(out), "--max-samples", "2", "--no-progress"])
+        == 0
+    )
     assert "3 shards, 5 samples" in capsys.readouterr().out
     index = json.loads((out / "index.json").read_text())
     assert [s["num_samples"] for s in index["shards"]] == [2, 2, 1]
     assert index["source"]["type"] == "folder"
 
-    assert main(["data", "inspect", str(out / "index.json"), "--out", str(tmp_path / "sheet.png"),
-                 "--tile-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "inspect",
+                str(out / "index.json"),
+                "--out",
+                str(tmp_path / "sheet.png"),
+                "--tile-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    assert "shard-000002.tar" in text and "3 shards, 5 samples" in text and "keypoint annotations: none" in text
+    assert (
+        "shard-000002.tar" in text and "3 shards, 5 samples" in text and "keypoint annotations: none" in text
+    )
     assert Image.open(tmp_path / "sheet.png").format == "PNG"
 
     assert main(["data", "inspect", str(out / "shard-{000000..000001}.tar"), "--json"]) == 0
@@ -43,8 +60,25 @@ def test_pack_then_inspect(tmp_path, capsys):
 
 def test_pack_synth_with_keypoints(tmp_path, capsys):
     out = tmp_path / "shards"
-    rc = main(["data", "pack", "--synth", "3", "--seed", "2", "--synth-size", "96x72", "--scheme", "coco17",
-               "--people", "2-2", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "pack",
+            "--synth",
+            "3",
+            "--seed",
+            "2",
+            "--synth-size",
+            "96x72",
+            "--scheme",
+            "coco17",
+            "--people",
+            "2-2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     capsys.readouterr()
     assert main(["data", "inspect", str(out)]) == 0
@@ -65,10 +99,16 @@ def test_synth_is_h3s_synthesizer(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["pack", "--images", "{tmp}/missing", "--out", "{tmp}/o"], "image folder {tmp}/missing does not exist"),
+        (
+            ["pack", "--images", "{tmp}/missing", "--out", "{tmp}/o"],
+            "image folder {tmp}/missing does not exist",
+        ),
         (["pack", "--images", "{tmp}/empty", "--out", "{tmp}/o"], "holds no images"),
         (["pack", "--coco", "{tmp}/none.json", "--out", "{tmp}/o"], "{tmp}/none.json does not exist"),
-        (["pack", "--images", "{tmp}/empty", "--out", "{tmp}/o", "--max-samples", "0"], "--max-samples must be >= 1"),
+        (
+            ["pack", "--images", "{tmp}/empty", "--out", "{tmp}/o", "--max-samples", "0"],
+            "--max-samples must be >= 1",
+        ),
         (["inspect", "{tmp}/nothing-{{0..2}}.tar"], "{tmp}/nothing-0.tar does not exist"),
         (["inspect", "{tmp}/empty"], "holds no .tar shards"),
     ],

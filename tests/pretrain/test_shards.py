@@ -82,7 +82,9 @@ def test_max_bytes_bounds_shards(tmp_path):
     src = make_folder(tmp_path / "imgs", n=12, size=(96, 128))
     items, source = collect_folder(src)
     limit = 40_000
-    index = pack(items, source, tmp_path / "out", PackOptions(max_samples=100, max_bytes=limit), progress=False)
+    index = pack(
+        items, source, tmp_path / "out", PackOptions(max_samples=100, max_bytes=limit), progress=False
+    )
     assert len(index["shards"]) > 1
     assert all(s["num_bytes"] <= limit for s in index["shards"])
     assert index["num_samples"] == 12
@@ -130,9 +132,10 @@ def test_identical_bytes_and_resume_after_exception(tmp_path, monkeypatch):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-00000[01].tar")} == before
     assert digests(out) == digests(tmp_path / "ref")
     assert not list(out.glob("*.tmp"))
-    assert json.loads((out / "index.json").read_text())["shards"] == json.loads(
-        (tmp_path / "ref" / "index.json").read_text()
-    )["shards"]
+    assert (
+        json.loads((out / "index.json").read_text())["shards"]
+        == json.loads((tmp_path / "ref" / "index.json").read_text())["shards"]
+    )
 
 
 def test_resume_with_other_options_is_refused(tmp_path):
@@ -162,13 +165,15 @@ def test_sigkill_mid_pack_then_resume(tmp_path):
     args = ["--images", str(src), "--max-samples", "1", "--resize-long", "200", "--no-progress"]
     ref = subprocess.run(
         [sys.executable, "-m", "sapiens_lite.cli", "data", "pack", *args, "--out", str(tmp_path / "ref")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sapiens_lite.cli", "data", "pack", *args, "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 60
     while time.time() < deadline and not (out.is_dir() and list(out.glob("shard-000003.tar"))):
@@ -182,13 +187,17 @@ def test_sigkill_mid_pack_then_resume(tmp_path):
     assert all(reference[name] == d for name, d in done.items())  # nothing half-written looks complete
     resumed = subprocess.run(
         [sys.executable, "-m", "sapiens_lite.cli", "data", "pack", *args, "--out", str(out)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert digests(out) == reference
 
     def keys(folder):
-        return [s["__key__"] for s in wds.WebDataset(str(folder / "shard-{000000..000039}.tar"), shardshuffle=False)]
+        return [
+            s["__key__"]
+            for s in wds.WebDataset(str(folder / "shard-{000000..000039}.tar"), shardshuffle=False)
+        ]
 
     assert keys(out) == keys(tmp_path / "ref")
     assert json.loads((out / "index.json").read_text())["num_samples"] == 40
@@ -260,8 +269,14 @@ def test_synth_source_and_inspect(tmp_path):
     )
     assert source["type"] == "synth" and len(items) == 4
     pack(items, source, tmp_path / "out", PackOptions(max_samples=3), progress=False)
-    reports = inspect_shards(wds, str(tmp_path / "out" / "index.json"), sheet=str(tmp_path / "sheet.png"),
-                             num_images=4, cols=2, tile_size=64)
+    reports = inspect_shards(
+        wds,
+        str(tmp_path / "out" / "index.json"),
+        sheet=str(tmp_path / "sheet.png"),
+        num_images=4,
+        cols=2,
+        tile_size=64,
+    )
     assert [r.num_samples for r in reports] == [3, 1]
     assert sum(r.num_people for r in reports) == 4
     assert reports[0].keypoint_counts == {308: 3}

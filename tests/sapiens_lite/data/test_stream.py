@@ -84,8 +84,15 @@ def test_epoch_is_exactly_once_with_equal_batch_counts(tmp_path, world_size, num
     per_rank = []
     for rank in range(world_size):
         loader = build_stream(
-            wds, pattern(tmp_path), decode=key_of, batch_size=b, num_workers=num_workers, seed=3,
-            rank=rank, world_size=world_size, shuffle_buffer=4,
+            wds,
+            pattern(tmp_path),
+            decode=key_of,
+            batch_size=b,
+            num_workers=num_workers,
+            seed=3,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=4,
         )
         batches = list(loader)
         assert len(batches) == len(loader) == 35 // (world_size * b)
@@ -103,7 +110,14 @@ def test_drop_last_false_sees_everything_and_counts_repeats(tmp_path):
     seen, repeated = [], 0
     for rank in range(2):
         loader = build_stream(
-            wds, tmp_path, decode=key_of, batch_size=4, num_workers=0, seed=0, rank=rank, world_size=2,
+            wds,
+            tmp_path,
+            decode=key_of,
+            batch_size=4,
+            num_workers=0,
+            seed=0,
+            rank=rank,
+            world_size=2,
             drop_last=False,
         )
         seen += keys(loader)
@@ -116,8 +130,15 @@ def test_drop_last_false_sees_everything_and_counts_repeats(tmp_path):
 def test_order_is_deterministic_per_seed_and_epoch(shards, tmp_path):
     def run(seed, epoch, workers=1):
         loader = build_stream(
-            wds, pattern(tmp_path / "shards"), decode=key_of, batch_size=5, num_workers=workers, seed=seed,
-            rank=0, world_size=1, shuffle_buffer=8,
+            wds,
+            pattern(tmp_path / "shards"),
+            decode=key_of,
+            batch_size=5,
+            num_workers=workers,
+            seed=seed,
+            rank=0,
+            world_size=1,
+            shuffle_buffer=8,
         )
         loader.set_epoch(epoch)
         return keys(loader)
@@ -130,12 +151,16 @@ def test_order_is_deterministic_per_seed_and_epoch(shards, tmp_path):
 
 
 def test_epochs_advance_by_themselves(shards, tmp_path):
-    loader = build_stream(wds, tmp_path / "shards", decode=key_of, batch_size=5, num_workers=0, seed=0,
-                          rank=0, world_size=1)
+    loader = build_stream(
+        wds, tmp_path / "shards", decode=key_of, batch_size=5, num_workers=0, seed=0, rank=0, world_size=1
+    )
     first, second = keys(loader), keys(loader)
     assert loader.epoch == 2 and sorted(first) == sorted(second) and first != second
     loader.set_epoch(2)  # the current epoch: a no-op
     assert loader.state_dict()["epoch"] == 2
+    it = loader.forever()
+    across = [next(it) for _ in range(10)]  # 7 batches per epoch: crosses into epoch 3
+    assert loader.epoch == 3 and len(keys(across)) == 50
 
 
 # ----------------------------------------------------------------------------- resume
@@ -146,8 +171,17 @@ def test_resume_continues_with_the_same_batches(tmp_path, num_workers):
     make_shards(tmp_path, sizes=[13, 4, 17, 9, 6])
 
     def new():
-        return build_stream(wds, tmp_path, decode=key_of, batch_size=2, num_workers=num_workers, seed=5,
-                            rank=0, world_size=1, shuffle_buffer=5)
+        return build_stream(
+            wds,
+            tmp_path,
+            decode=key_of,
+            batch_size=2,
+            num_workers=num_workers,
+            seed=5,
+            rank=0,
+            world_size=1,
+            shuffle_buffer=5,
+        )
 
     reference = new()
     full = list(reference) + list(reference)  # two epochs
@@ -168,10 +202,12 @@ def test_resume_continues_with_the_same_batches(tmp_path, num_workers):
 
 
 def test_resume_rejects_other_settings(shards, tmp_path):
-    a = build_stream(wds, tmp_path / "shards", decode=key_of, batch_size=2, num_workers=0, seed=0,
-                     rank=0, world_size=1)
-    b = build_stream(wds, tmp_path / "shards", decode=key_of, batch_size=3, num_workers=0, seed=0,
-                     rank=0, world_size=1)
+    a = build_stream(
+        wds, tmp_path / "shards", decode=key_of, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1
+    )
+    b = build_stream(
+        wds, tmp_path / "shards", decode=key_of, batch_size=3, num_workers=0, seed=0, rank=0, world_size=1
+    )
     with pytest.raises(UserError, match="batch_size"):
         b.load_state_dict(a.state_dict())
 
@@ -183,15 +219,33 @@ def test_resume_skips_consumed_samples_without_decoding(shards, tmp_path):
         calls[sample["__key__"]] += 1
         return sample["__key__"]
 
-    a = build_stream(wds, tmp_path / "shards", decode=decode, batch_size=2, num_workers=0, seed=0,
-                     rank=0, world_size=1, shuffle_buffer=6)
+    a = build_stream(
+        wds,
+        tmp_path / "shards",
+        decode=decode,
+        batch_size=2,
+        num_workers=0,
+        seed=0,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=6,
+    )
     it = iter(a)
     for _ in range(10):
         next(it)
     state = a.state_dict()
     calls.clear()
-    b = build_stream(wds, tmp_path / "shards", decode=decode, batch_size=2, num_workers=0, seed=0,
-                     rank=0, world_size=1, shuffle_buffer=6)
+    b = build_stream(
+        wds,
+        tmp_path / "shards",
+        decode=decode,
+        batch_size=2,
+        num_workers=0,
+        seed=0,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=6,
+    )
     b.load_state_dict(state)
     rest = keys(b)
     assert sum(calls.values()) == len(rest) == 34 - 20  # nothing decoded twice, nothing decoded to skip
@@ -202,8 +256,18 @@ def test_resume_skips_consumed_samples_without_decoding(shards, tmp_path):
 
 def test_resampled_mode_is_infinite_and_resumable(shards, tmp_path):
     def new():
-        return build_stream(wds, tmp_path / "shards", decode=key_of, batch_size=4, num_workers=0, seed=9,
-                            rank=0, world_size=1, mode="resampled", shuffle_buffer=6)
+        return build_stream(
+            wds,
+            tmp_path / "shards",
+            decode=key_of,
+            batch_size=4,
+            num_workers=0,
+            seed=9,
+            rank=0,
+            world_size=1,
+            mode="resampled",
+            shuffle_buffer=6,
+        )
 
     a = new()
     with pytest.raises(TypeError):
@@ -220,15 +284,26 @@ def test_resampled_mode_is_infinite_and_resumable(shards, tmp_path):
     it_c = iter(c)
     assert [next(it_c) for _ in range(19)] == batches[11:]
 
-    d = build_stream(wds, tmp_path / "shards", decode=key_of, batch_size=4, num_workers=0, seed=9,
-                     rank=0, world_size=1, mode="resampled", batches_per_epoch=6)
+    d = build_stream(
+        wds,
+        tmp_path / "shards",
+        decode=key_of,
+        batch_size=4,
+        num_workers=0,
+        seed=9,
+        rank=0,
+        world_size=1,
+        mode="resampled",
+        batches_per_epoch=6,
+    )
     assert len(d) == 6 and len(list(d)) == 6 and d.epoch == 1
 
 
 # ----------------------------------------------------------------------------- bad data
 
 
-def test_corrupt_data_is_skipped_counted_and_never_hangs(tmp_path, caplog):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_data_is_skipped_counted_and_never_hangs(tmp_path, caplog, num_workers):
     paths = make_shards(tmp_path, sizes=[6, 6, 6, 6], index=True, image=True)
     # Truncate shard 1 in the middle of its members.
     with open(paths[1], "rb") as f:
@@ -246,8 +321,17 @@ def test_corrupt_data_is_skipped_counted_and_never_hangs(tmp_path, caplog):
         return sample["__key__"]
 
     with caplog.at_level(logging.WARNING, logger="sapiens_lite.data.stream"):
-        loader = build_stream(wds, tmp_path, decode=decode, batch_size=4, num_workers=0, seed=0,
-                              rank=0, world_size=1, shuffle_buffer=5)
+        loader = build_stream(
+            wds,
+            tmp_path,
+            decode=decode,
+            batch_size=4,
+            num_workers=num_workers,
+            seed=0,
+            rank=0,
+            world_size=1,
+            shuffle_buffer=5,
+        )
         batches = list(loader)
     assert len(batches) == len(loader) == 6  # the rank still yields every batch it promised
     stats = loader.stats
@@ -255,26 +339,46 @@ def test_corrupt_data_is_skipped_counted_and_never_hangs(tmp_path, caplog):
     assert stats["skipped:missing"] >= 2
     assert stats["skipped"] == stats["skipped:UnidentifiedImageError"] + stats["skipped:missing"]
     assert stats["decoded"] == 24
-    assert "s2_003" in caplog.text and paths[1] in caplog.text
+    if num_workers == 0:  # (workers log from their own processes)
+        assert "s2_003" in caplog.text and paths[1] in caplog.text
     assert "s2_003" not in keys(batches)
     assert loader.state_dict()["stats"]["skipped"] == stats["skipped"]
 
 
-def test_all_bad_data_raises_instead_of_spinning(tmp_path):
-    make_shards(tmp_path, sizes=[3, 3])
+def test_a_broken_decode_raises_instead_of_skipping_everything(tmp_path):
+    make_shards(tmp_path, sizes=[30, 30])
 
     def decode(sample):
-        raise ValueError("bad")
+        raise KeyError("jpg")
 
-    loader = build_stream(wds, tmp_path, decode=decode, batch_size=2, num_workers=0, seed=0, rank=0,
-                          world_size=1)
+    loader = build_stream(
+        wds, tmp_path, decode=decode, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1
+    )
+    with pytest.raises(RuntimeError, match="first 50 samples .* all failed to decode"):
+        list(loader)
+
+
+def test_no_decodable_sample_at_all_raises(tmp_path):
+    make_shards(tmp_path, sizes=[3, 3])
+    loader = build_stream(
+        wds, tmp_path, decode=lambda s: None, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1
+    )
     with pytest.raises(RuntimeError, match="no decodable sample"):
         list(loader)
 
 
 def test_decode_returning_none_skips(shards, tmp_path):
-    loader = build_stream(wds, tmp_path / "shards", decode=lambda s: None if s["__key__"].startswith("s0") else 1,
-                          batch_size=4, num_workers=0, seed=0, rank=0, world_size=1, shard_shuffle=False)
+    loader = build_stream(
+        wds,
+        tmp_path / "shards",
+        decode=lambda s: None if s["__key__"].startswith("s0") else 1,
+        batch_size=4,
+        num_workers=0,
+        seed=0,
+        rank=0,
+        world_size=1,
+        shard_shuffle=False,
+    )
     assert len(list(loader)) == 8
     stats = loader.stats
     assert stats["decoded"] == 32 and stats["repeated"] == 7  # 7 padded in from the next samples
@@ -288,9 +392,20 @@ def test_pipe_urls_and_index(shards, tmp_path):
     urls = [f"pipe:cat {p}" for p in shards]
     loader = build_stream(wds, urls, decode=key_of, batch_size=5, num_workers=0, seed=0, rank=0, world_size=1)
     assert loader.num_samples == 35  # counted by streaming: no index next to pipe: URLs
-    assert sorted(keys(loader)) == sorted(k for b in build_stream(
-        wds, str(tmp_path / "shards" / "index.json"), decode=key_of, batch_size=5, num_workers=0, seed=0,
-        rank=0, world_size=1) for k in b)
+    assert sorted(keys(loader)) == sorted(
+        k
+        for b in build_stream(
+            wds,
+            str(tmp_path / "shards" / "index.json"),
+            decode=key_of,
+            batch_size=5,
+            num_workers=0,
+            seed=0,
+            rank=0,
+            world_size=1,
+        )
+        for k in b
+    )
 
 
 def test_http_urls(shards, tmp_path):
@@ -300,12 +415,28 @@ def test_http_urls(shards, tmp_path):
     thread.start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        loader = build_stream(wds, f"{base}/index.json", decode=key_of, batch_size=5, num_workers=2, seed=0,
-                              rank=0, world_size=1)
+        loader = build_stream(
+            wds,
+            f"{base}/index.json",
+            decode=key_of,
+            batch_size=5,
+            num_workers=2,
+            seed=0,
+            rank=0,
+            world_size=1,
+        )
         assert [s.url for s in loader.shards][0] == f"{base}/shard-000000.tar"
         got = keys(loader)
-        direct = build_stream(wds, base + "/shard-{000000..000004}.tar", decode=key_of, batch_size=5,
-                              num_workers=0, seed=0, rank=0, world_size=1)
+        direct = build_stream(
+            wds,
+            base + "/shard-{000000..000004}.tar",
+            decode=key_of,
+            batch_size=5,
+            num_workers=0,
+            seed=0,
+            rank=0,
+            world_size=1,
+        )
         assert direct.num_samples == 35
         assert sorted(got) == sorted(keys(direct)) and len(got) == 35
     finally:
@@ -326,8 +457,9 @@ def test_counts_without_index(tmp_path):
 
 def test_clear_errors_before_any_work(tmp_path):
     with pytest.raises(UserError, match=r"nothing-\{0\.\.3\}"):
-        build_stream(wds, str(tmp_path / "nothing-{0..3}.tar"), decode=key_of, batch_size=1, num_workers=0,
-                     seed=0)
+        build_stream(
+            wds, str(tmp_path / "nothing-{0..3}.tar"), decode=key_of, batch_size=1, num_workers=0, seed=0
+        )
     with pytest.raises(UserError, match="no shards"):
         build_stream(wds, [], decode=key_of, batch_size=1, num_workers=0, seed=0)
     (tmp_path / "empty").mkdir()
@@ -367,8 +499,9 @@ def _rank_main(rank, world_size, port, folder, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        loader = build_stream(wds, folder, decode=key_of, batch_size=2, num_workers=2, seed=11,
-                              shuffle_buffer=4)  # rank and world size from torch.distributed
+        loader = build_stream(
+            wds, folder, decode=key_of, batch_size=2, num_workers=2, seed=11, shuffle_buffer=4
+        )  # rank and world size from torch.distributed
         batches = []
         for batch in loader:
             batches.append(list(batch))
@@ -376,8 +509,9 @@ def _rank_main(rank, world_size, port, folder, out):
             t = torch.ones(1)
             torch.distributed.all_reduce(t)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"batches": batches, "len": len(loader), "rank": loader.rank,
-                       "world": loader.world_size}, f)
+            json.dump(
+                {"batches": batches, "len": len(loader), "rank": loader.rank, "world": loader.world_size}, f
+            )
     finally:
         torch.distributed.destroy_process_group()
 

@@ -16,6 +16,7 @@ from sapiens_lite.data.transforms import (
     MAEDecode,
     MAETransform,
     MAETransformConfig,
+    normalize_batch,
     random_resized_crop_params,
 )
 
@@ -26,8 +27,8 @@ def jpeg(array: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def smooth_image(h: int = 240, w: int = 320) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+def smooth_image(h: int = 240, w: int = 320, period: float = 1.0) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / period
     r = 127 + 120 * np.sin(x / 23.0)
     g = 127 + 120 * np.cos(y / 17.0)
     b = 127 + 120 * np.sin((x + y) / 31.0)
@@ -86,12 +87,26 @@ def test_flip_mirrors_the_same_crop():
     torch.testing.assert_close(flipped, plain.flip(-1))
 
 
-def test_reduced_decoding_is_close_to_a_full_decode():
-    data = jpeg(smooth_image(960, 1280))
+def test_reduced_decoding_is_close_to_a_full_decode(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    scales = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = draft(self, mode, size)
+        scales.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    data = jpeg(smooth_image(960, 1280, period=8.0))
     cfg = dict(size=(64, 48), scale=(0.9, 1.0))
     fast = MAETransform(MAETransformConfig(**cfg))(data, 1)
+    assert scales == [(160, 120)]  # decoded at 1/8: the crop (>= 0.9 of the image) is >= 8x the output
     full = MAETransform(MAETransformConfig(**cfg, reduced_decode=False))(data, 1)
-    # Same crop, decoded at 1/8 size: a smooth image barely changes (values are in std units).
+    assert len(scales) == 1
+    # Same crop, decoded at 1/8 size (the crop snaps to that grid): a smooth image barely changes
+    # (values are in std units).
     assert (fast - full).abs().mean().item() < 0.05
 
 
@@ -101,7 +116,9 @@ def test_png_and_grey_images():
     grey.save(buf, "PNG")
     x = MAETransform(MAETransformConfig(size=(20, 30)))(buf.getvalue(), 0)
     assert x.shape == (3, 20, 30)
-    torch.testing.assert_close(x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], x[1] * IMAGENET_STD[1] + IMAGENET_MEAN[1])
+    torch.testing.assert_close(
+        x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], x[1] * IMAGENET_STD[1] + IMAGENET_MEAN[1]
+    )
 
 
 def test_decode_for_the_stream():
@@ -111,6 +128,14 @@ def test_decode_for_the_stream():
     assert torch.equal(x, MAETransform(MAETransformConfig(size=(16, 16)))(data, 5))
     with pytest.raises(ValueError, match="no image member"):
         decode({"__key__": "k", "json": b"{}", "__seed__": 1})
+
+
+def test_uint8_output_normalises_to_the_float_output():
+    data = jpeg(smooth_image())
+    x = MAETransform(MAETransformConfig(size=(32, 24)))(data, 4)
+    raw = MAETransform(MAETransformConfig(size=(32, 24), output="uint8"))(data, 4)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 32, 24)
+    torch.testing.assert_close(normalize_batch(raw[None])[0], x)
 
 
 def test_config_validation():

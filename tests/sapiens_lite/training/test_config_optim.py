@@ -58,11 +58,15 @@ def test_ds_config_generated_from_typed_config():
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"] == {"stage": 2}
     assert ds["bf16"] == {"enabled": True} and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert ds["gradient_clipping"] == 1.0
     assert "optimizer" not in ds and "scheduler" not in ds
     fp32 = build_ds_config(EngineConfig(), OptimConfig(), world_size=1)
     assert (
-        fp32["bf16"] == {"enabled": False} and "data_types" not in fp32 and fp32["gradient_clipping"] == 0.0
+        fp32["bf16"] == {"enabled": False}
+        and "data_types" not in fp32
+        and "torch_autocast" not in fp32
+        and fp32["gradient_clipping"] == 0.0
     )
 
 
