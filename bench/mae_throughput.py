@@ -186,7 +186,9 @@ def run_compare(args) -> None:
         f", decoder {cfg.decoder_dim}d{cfg.decoder_depth}b, mask 0.75, norm-pix loss"
         f"{', activation checkpointing' if args.checkpointing else ''}{', torch.compile' if args.compile else ''}"
     )
-    print(f"model FLOPs per training image: {flops_per_img / 1e9:.2f} GFLOP; measured matmul peak {peak:.2f} TFLOP/s ({args.dtype})")
+    print(
+        f"model FLOPs per training image: {flops_per_img / 1e9:.2f} GFLOP; measured matmul peak {peak:.2f} TFLOP/s ({args.dtype})"
+    )
     print(f"{'impl':<14}{'step ms':>10}{'img/s':>10}{'MFU':>8}  optimizer")
     for name in ("ours", "transformers"):
         r = results.get(name)
@@ -196,7 +198,9 @@ def run_compare(args) -> None:
         u = mfu(r["img_s"] * flops_per_img, peak)
         print(f"{name:<14}{r['step_s'] * 1e3:>10.1f}{r['img_s']:>10.2f}{u:>8.1%}  {r['opt']}")
     if results.get("ours") and results.get("transformers"):
-        print(f"speed-up ours / transformers: {results['ours']['img_s'] / results['transformers']['img_s']:.2f}x")
+        print(
+            f"speed-up ours / transformers: {results['ours']['img_s'] / results['transformers']['img_s']:.2f}x"
+        )
 
 
 def find_largest(args) -> None:
@@ -237,9 +241,14 @@ def find_largest(args) -> None:
                 del model, opt
             batch *= 2
         rows.append((arch, best, best_stats))
-        print(f"{arch}: largest batch {best}" + (f" ({best_stats[0]:.1f} GiB peak)" if best_stats else ""), flush=True)
-    print(f"\nLargest batch per GPU within {args.memory_gb:.0f} GB ({args.dtype}, activation checkpointing, fp32 AdamW state, "
-          f"{args.size[0]}x{args.size[1]}), {torch.cuda.get_device_name(device)}:")
+        print(
+            f"{arch}: largest batch {best}" + (f" ({best_stats[0]:.1f} GiB peak)" if best_stats else ""),
+            flush=True,
+        )
+    print(
+        f"\nLargest batch per GPU within {args.memory_gb:.0f} GB ({args.dtype}, activation checkpointing, fp32 AdamW state, "
+        f"{args.size[0]}x{args.size[1]}), {torch.cuda.get_device_name(device)}:"
+    )
     print(f"{'arch':<14}{'batch':>6}{'peak GiB':>10}{'img/s':>8}{'MFU':>7}")
     for arch, best, st in rows:
         if st is None:
@@ -264,7 +273,9 @@ def main(argv=None) -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both models")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per implementation")
-    p.add_argument("--find-largest", action="store_true", help="largest batch of sapiens_0.3b..2b in --memory-gb")
+    p.add_argument(
+        "--find-largest", action="store_true", help="largest batch of sapiens_0.3b..2b in --memory-gb"
+    )
     p.add_argument("--memory-gb", type=float, default=80.0)
     p.add_argument("--max-batch", type=int, default=256)
     args = p.parse_args(argv)

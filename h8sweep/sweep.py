@@ -8,16 +8,16 @@ BASE = "configs/finetune/tiny_cpu_coco17.yaml"
 DATA = ["data.train_ann=/tmp/d/train/annotations.json", "data.train_images=/tmp/d/train/images",
         "data.val_ann=/tmp/d/val/annotations.json", "data.val_images=/tmp/d/val/images", "data.num_workers=2"]
 VARIANTS = {
-    "A_base": [],
-    "B_lr2e-3": ["optim.lr=2e-3"],
-    "C_sigma3": ["model.sigma=3.0"],
-    "D_vitpose64": ["model.head.kind=vitpose", "model.head.channels=64"],
-    "E_noaug": ["data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]"],
-    "F_sapiens64": ["model.head.channels=64"],
-    "G_64x48": ["model.input_size=[64,48]", "model.backbone.img_size=[64,48]"],
-    "H_depth6": ["model.backbone.depth=6", "model.backbone.embed_dim=192", "model.backbone.num_heads=6"],
-    "I_long": ["engine.total_steps=1200"],
-    "J_small300": ["engine.total_steps=300", "engine.micro_batch_size=16", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0"],
+    "DE": ["model.head.kind=vitpose", "model.head.channels=64", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]"],
+    "DE_lr2e-3": ["model.head.kind=vitpose", "model.head.channels=64", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]", "optim.lr=2e-3"],
+    "DE_lr5e-4": ["model.head.kind=vitpose", "model.head.channels=64", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]", "optim.lr=5e-4"],
+    "DE_embed192": ["model.head.kind=vitpose", "model.head.channels=64", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]", "model.backbone.embed_dim=192", "model.backbone.num_heads=6"],
+    "DE_mildaug": ["model.head.kind=vitpose", "model.head.channels=64", "data.augment.rotate_factor=15", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.8,1.2]"],
+    "DE_1200": ["model.head.kind=vitpose", "model.head.channels=64", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]", "engine.total_steps=1200"],
+    "DE_300": ["model.head.kind=vitpose", "model.head.channels=64", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]", "engine.total_steps=300"],
+    "DE_vp128": ["model.head.kind=vitpose", "model.head.channels=128", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]"],
+    "DE_people1": ["model.head.kind=vitpose", "model.head.channels=64", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]", "data.train_ann=/tmp/d1/train/annotations.json", "data.train_images=/tmp/d1/train/images"],
+    "DE_wd0": ["model.head.kind=vitpose", "model.head.channels=64", "data.augment.rotate_factor=0", "data.augment.half_body_prob=0", "data.augment.scale_range=[0.9,1.1]", "optim.weight_decay=0.0", "optim.warmup_steps=20"],
 }
 
 def run(name):
@@ -53,7 +53,7 @@ def run(name):
             loss = loss_fn(out, b["heatmaps"].to(dev), b["target_weight"].to(dev))
             opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
             step += 1
-            if step % 200 == 0 or step == total:
+            if step % 300 == 0 or step == total:
                 model.eval()
                 m = evaluate_model(model, cfg.data.val_ann, cfg.data.val_images, cfg.eval, device=dev, progress=False)
                 model.train()
@@ -72,6 +72,7 @@ if __name__ == "__main__" and len(sys.argv) > 1:
 elif __name__ == "__main__":
     from sapiens_lite.data.synth import synthesize
     synthesize("/tmp/d/train", 1000, seed=0, size=(256, 192), scheme="coco17", people=(1, 2), workers=12, progress=False)
+    synthesize("/tmp/d1/train", 1000, seed=0, size=(256, 192), scheme="coco17", people=(1, 1), workers=12, progress=False)
     synthesize("/tmp/d/val", 100, seed=1001, size=(256, 192), scheme="coco17", people=(1, 2), workers=12, progress=False)
     # untrained
     from finetune.config import FinetuneConfig

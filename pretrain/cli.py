@@ -19,7 +19,9 @@ def add_pretrain_command(subparsers) -> None:
             "deepspeed launcher; resumes from run_dir's latest checkpoint."
         ),
     )
-    p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file(s), applied in order")
+    p.add_argument(
+        "--config", action="append", default=[], metavar="YAML", help="config file(s), applied in order"
+    )
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. engine.total_steps=100")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has a checkpoint")
     p.add_argument("--dry-run", action="store_true", help="validate config and data, print the config, exit")
@@ -46,7 +48,9 @@ def add_export_backbone_command(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00010000 (default: latest)")
-    p.add_argument("--drop-cls-token", action="store_true", help="export without the cls token (pose backbones)")
+    p.add_argument(
+        "--drop-cls-token", action="store_true", help="export without the cls token (pose backbones)"
+    )
     p.add_argument(
         "--pos-embed",
         choices=("learned", "sincos"),

@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from sapiens_lite.training.config import EngineConfig, OptimConfig
-
 from pretrain.mae import MAEConfig
+from sapiens_lite.training.config import EngineConfig, OptimConfig
 
 
 @dataclass

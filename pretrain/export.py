@@ -61,7 +61,11 @@ def export_backbone(
     full = consolidate_fp32(deepspeed, run_dir, tag)
     sd = encoder_state_dict(full, drop_cls_token=drop_cls_token)
     vit_cfg = dataclasses.replace(
-        cfg.model.encoder, cls_token=not drop_cls_token, pos_embed=pos_embed, grad_checkpointing=False, drop_path_rate=0.0
+        cfg.model.encoder,
+        cls_token=not drop_cls_token,
+        pos_embed=pos_embed,
+        grad_checkpointing=False,
+        drop_path_rate=0.0,
     )
     model = VisionTransformer(vit_cfg)
     model.load_state_dict(sd, strict=True)

@@ -132,7 +132,9 @@ def _transform(cfg: PretrainConfig):
     from sapiens_lite.data.transforms import MAETransform, MAETransformConfig
 
     return MAETransform(
-        MAETransformConfig(size=cfg.data.img_size, scale=cfg.data.crop_scale, hflip=0.5 if cfg.data.hflip else 0.0)
+        MAETransformConfig(
+            size=cfg.data.img_size, scale=cfg.data.crop_scale, hflip=0.5 if cfg.data.hflip else 0.0
+        )
     )
 
 
@@ -171,7 +173,9 @@ def build_data(cfg: PretrainConfig, engine, wds, shards):
     if shards is None:
         from sapiens_lite.training.data import ResumableLoader
 
-        dataset = SyntheticImages(cfg.data.synthetic, cfg.data.img_size, _transform(cfg), seed=cfg.engine.seed)
+        dataset = SyntheticImages(
+            cfg.data.synthetic, cfg.data.img_size, _transform(cfg), seed=cfg.engine.seed
+        )
         return ResumableLoader(
             dataset,
             cfg.engine.micro_batch_size,
@@ -221,7 +225,10 @@ def reconstruction_grid(model: MaskedAutoencoder, imgs: torch.Tensor, pred, mask
     from sapiens_lite.visualize import image_grid
 
     masked, recon = model.reconstruct(imgs.float(), pred.float(), mask.float())
-    rows = [[_to_uint8(a, mean, std), _to_uint8(b, mean, std), _to_uint8(c, mean, std)] for a, b, c in zip(imgs, masked, recon)]
+    rows = [
+        [_to_uint8(a, mean, std), _to_uint8(b, mean, std), _to_uint8(c, mean, std)]
+        for a, b, c in zip(imgs, masked, recon)
+    ]
     return image_grid(rows, labels=["image", "masked 75%", "reconstruction"])
 
 
@@ -232,7 +239,9 @@ def save_reconstructions(cfg: PretrainConfig):
     def hook(engine, step: int, batch, metrics) -> None:
         imgs = batch[: cfg.viz.num_images]
         engine.ds.eval()
-        autocast = torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16")
+        autocast = torch.autocast(
+            engine.device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16"
+        )
         with torch.no_grad(), autocast:
             _, pred, mask = engine.ds(imgs)
         if not engine.is_main:
@@ -252,11 +261,11 @@ def save_reconstructions(cfg: PretrainConfig):
 # ---- the command ----
 
 
-def run(cfg: PretrainConfig, *, resume: bool = True) -> dict:
-    """Validate, build, train; returns the engine's summary (steps, final_loss, img_per_s, ...)."""
-    from sapiens_lite.training.dist import set_ds_accelerator_env
-
+def fit(cfg: PretrainConfig, *, resume: bool = True):
+    """Validate, build, train; returns (engine, summary) (summary: steps, final_loss, img_per_s, ...)."""
     import webdataset as wds
+
+    from sapiens_lite.training.dist import set_ds_accelerator_env
 
     checked = validate(cfg, wds)  # every user error surfaces here, before any work
     set_ds_accelerator_env()
@@ -280,22 +289,22 @@ def run(cfg: PretrainConfig, *, resume: bool = True) -> dict:
     if engine.is_main:
         print(
             f"[pretrain] done: {summary['steps']} steps, final loss {summary['final_loss']}, "
-            f"{summary['img_per_s']:.1f} img/s; checkpoints in {engine.ckpt_dir}",
+            f"{summary['img_per_s'] or 0:.1f} img/s; checkpoints in {engine.ckpt_dir}",
             flush=True,
         )
-    return summary
+    return engine, summary
 
 
 def main(config_files: list[str], overrides: list[str], *, resume: bool = True, dry_run: bool = False) -> int:
     cfg = load_config(PretrainConfig, config_files, overrides)
     if dry_run:
         validate(cfg)
-        from sapiens_lite.config import config_to_dict
-
         import yaml
+
+        from sapiens_lite.config import config_to_dict
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print("# config and data are valid", flush=True)
         return 0
-    run(cfg, resume=resume)
+    fit(cfg, resume=resume)
     return 0

@@ -229,7 +229,9 @@ def test_starts_from_sapiens_clean_checkpoint_resampling_the_grid(tmp_path):
 
 
 def test_wrong_width_checkpoint_is_a_clear_error():
-    src = MaskedAutoencoder(mae_config("vit_tiny", img_size=(64, 64), decoder_dim=32, decoder_depth=1, decoder_heads=2))
+    src = MaskedAutoencoder(
+        mae_config("vit_tiny", img_size=(64, 64), decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    )
     sd = {k.removeprefix("encoder."): v for k, v in src.state_dict().items()}
     with pytest.raises(UserError, match="embed_dim=192"):
         load_pretrained(tiny((64, 64)), sd)

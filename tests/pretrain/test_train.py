@@ -1,0 +1,132 @@
+"""`sapiens pretrain`: config errors before any work, a real tiny run whose loss falls, a 2-rank torchrun smoke."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.config import PretrainConfig
+from pretrain.mae import mae_forward_flops
+from sapiens_lite.cli import main as sapiens
+from sapiens_lite.config import load_config
+
+# vit_test MAE at 64x48 on drawn people: a training step takes milliseconds.
+TINY = {
+    "model": {"encoder": {"arch": "vit_test"}, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+    "data": {"img_size": [64, 48], "synthetic": 32, "num_workers": 0},
+    "engine": {"micro_batch_size": 8, "total_steps": 4, "log_every": 2, "checkpoint_every": 100, "tensorboard": False, "progress": False},
+    "optim": {"lr": 2.0e-3, "warmup_steps": 2},
+    "viz": {"every": 2, "num_images": 2},
+}
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    cfg["engine"].setdefault("run_dir", str(tmp_path / "run"))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    rc = sapiens(args)
+    return rc, capsys.readouterr().err
+
+
+def test_defaults_follow_the_mae_recipe():
+    cfg = PretrainConfig()
+    assert cfg.data.img_size == (1024, 768) and cfg.model.encoder.img_size == (1024, 768)
+    assert cfg.data.crop_scale == (0.2, 1.0) and cfg.data.hflip
+    assert (cfg.optim.blr, cfg.optim.betas, cfg.optim.weight_decay) == (1.5e-4, (0.9, 0.95), 0.05)
+    assert cfg.model.mask_ratio == 0.75 and cfg.model.norm_pix_loss
+    # the encoder's grid follows data.img_size
+    cfg = load_config(PretrainConfig, [], ["data.img_size=[128, 96]"])
+    assert cfg.model.encoder.img_size == (128, 96)
+
+
+@pytest.mark.parametrize(
+    "sections, overrides, message",
+    [
+        ({"data": {"synthetic": 0}}, [], "no training data"),
+        ({"data": {"synthetic": 0, "shards": ["/nonexistent/train-{000000..000003}.tar"]}}, [], "does not exist"),
+        ({}, ["engine.global_batch_size=100"], "global_batch_size=100"),
+        ({}, ["engine.micro_batch_szie=4"], "micro_batch_szie"),
+        ({}, ["init.checkpoint=/nonexistent/ckpt.pth"], "does not exist"),
+        ({"data": {"synthetic": 4}}, [], "fewer than one global micro-batch"),
+    ],
+)
+def test_config_errors_before_any_work(tmp_path, capsys, sections, overrides, message):
+    cfg = write_config(tmp_path, **sections)
+    rc, err = run_cli(["pretrain", "--config", str(cfg), *overrides], capsys)
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_unreadable_init_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    cfg = write_config(tmp_path, init={"checkpoint": str(bad)})
+    rc, err = run_cli(["pretrain", "--config", str(cfg)], capsys)
+    assert rc == 2 and "broken.pth" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert sapiens(["pretrain", "--config", str(cfg), "--dry-run", "optim.blr=3e-4"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["optim"]["blr"] == 3e-4 and out["model"]["encoder"]["img_size"] == [64, 48]
+
+
+def test_mae_flops_count_visible_tokens_in_the_encoder():
+    cfg = load_config(PretrainConfig, [Path("configs/pretrain/sapiens_0.3b.yaml")])
+    half = load_config(PretrainConfig, [Path("configs/pretrain/sapiens_0.3b.yaml")], ["model.mask_ratio=0.5"])
+    assert mae_forward_flops(half.model) > 1.5 * mae_forward_flops(cfg.model)
+
+
+@pytest.mark.slow
+def test_tiny_run_loss_falls_and_writes_pictures(tmp_path):
+    """Real training in this process: 150 steps of vit_test on 64 drawn people."""
+    from pretrain.train import fit
+
+    cfg = load_config(
+        PretrainConfig,
+        [write_config(tmp_path)],
+        ["engine.total_steps=150", "engine.log_every=25", "viz.every=75", "data.synthetic=64", "engine.checkpoint_every=150"],
+    )
+    _, summary = fit(cfg, resume=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log]
+    assert len(losses) == 6 and all(r["img_per_s"] > 0 and r["mfu"] > 0 for r in log)
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert sorted(p.name for p in (tmp_path / "run" / "viz").iterdir()) == ["step_00000075.png", "step_00000150.png"]
+    assert summary["steps"] == 150
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_end_to_end_and_resume(tmp_path):
+    """`sapiens pretrain` under torchrun (2 CPU ranks, gloo), then resumed to more steps."""
+    cfg = write_config(tmp_path, engine={"zero_stage": 1, "checkpoint_every": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    cmd += ["-m", "sapiens_lite.cli", "pretrain", "--config", str(cfg)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert (run / "viz" / "step_00000004.png").is_file()
+    assert "global batch 16 = micro 8 x accum 1 x world 2" in r.stdout
+    r = subprocess.run(cmd + ["engine.total_steps=6"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step 4" in r.stdout
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6
