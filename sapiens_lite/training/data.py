@@ -102,6 +102,9 @@ class ResumableLoader:
 
     def __iter__(self) -> Iterator:
         self.sampler.set_epoch(self.epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            # Datasets that draw augmentation from (seed, epoch, index) must see each new epoch.
+            self.dataset.set_epoch(self.epoch)
         self.sampler.start = self.batches * self.batch_size
         # Its own generator: creating a DataLoader iterator would otherwise draw from the global torch
         # RNG, so a resumed run (which creates one at a different point) would drift from the original.
