@@ -150,7 +150,7 @@ def run_compare(args) -> None:
         if is_ours and args.checkpointing:
             model.set_grad_checkpointing(True)
         model.to(device).train()
-        opt, opt_name = optimizer_for(model, device, fused=is_ours)
+        opt, opt_name = optimizer_for(model, device, fused=is_ours or args.fused_reference)
         fwd = torch.compile(model) if args.compile else model
         steps[name] = (make_step(fwd, opt, imgs, dtype, device, is_ours, non_square), opt_name)
     # Interleave the two (A, B, A, B, ...): on a shared or throttling machine both see the same load.
@@ -278,6 +278,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both models")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument(
+        "--fused-reference",
+        action="store_true",
+        help="give transformers the fused AdamW too (isolates the model)",
+    )
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per implementation")
     p.add_argument(
         "--find-largest", action="store_true", help="largest batch of sapiens_0.3b..2b in --memory-gb"

@@ -86,7 +86,12 @@ def run_eval(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # With a config the checkpoint must match its keypoint scheme; without one the checkpoint decides.
     expected = cfg.model.scheme if args.config else None
-    model = load_pose_checkpoint(args.checkpoint, expected_scheme=expected, revision=cfg.init.revision)
+    model = load_pose_checkpoint(
+        args.checkpoint,
+        expected_scheme=expected,
+        model_cfg=cfg.model if args.config else None,
+        revision=cfg.init.revision,
+    )
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt / "eval" if ckpt.is_dir() else Path("eval"))
     metrics = evaluate_model(

@@ -400,8 +400,11 @@ def predict_instances(
     kpts = np.zeros((n, k, 2), np.float64)
     scores = np.zeros((n, k), np.float64)
     ok = np.zeros(n, bool)
+    batches = -(-n // batch_size)
     loader = torch.utils.data.DataLoader(
-        CropDataset(instances, image_root, input_size), batch_size=batch_size, num_workers=num_workers
+        CropDataset(instances, image_root, input_size),
+        batch_size=batch_size,
+        num_workers=max(0, min(num_workers, batches - 1)),  # no worker processes for a single batch
     )
     with torch.inference_mode():
         for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):

@@ -106,7 +106,7 @@ def init_model(model: PoseModel, init: InitConfig) -> str:
         src = PoseModel.from_pretrained(path, revision=init.revision)
         if init.load_head:
             _check_head(src.scheme.num_keypoints, model.config, path)
-            model.head.load_state_dict(src.head.state_dict())
+            _load_head(model, src.head.state_dict(), path)
         _load_vit(model, src.backbone, path)
         return f"pose checkpoint {path}" + (" (backbone + head)" if init.load_head else " (backbone)")
     if kind in ("backbone", "hub"):
@@ -120,12 +120,24 @@ def init_model(model: PoseModel, init: InitConfig) -> str:
     from sapiens_lite.convert.safe_load import load_checkpoint_file
 
     conv = convert_state_dict(load_checkpoint_file(path))
-    _load_converted_backbone(model, conv)
-    if conv.head is not None and init.load_head:
+    with_head = conv.head is not None and init.load_head
+    if with_head:
         _check_head(conv.hints.head["num_keypoints"], model.config, path)
-        model.head.load_state_dict(conv.head)
-        return f"{conv.source} checkpoint {path} (backbone + head)"
-    return f"{conv.source} checkpoint {path} (backbone)"
+        _load_head(model, conv.head, path)
+    _load_converted_backbone(model, conv)
+    return f"{conv.source} checkpoint {path} (backbone{' + head' if with_head else ''})"
+
+
+def _load_head(model: PoseModel, sd: dict, source: str) -> None:
+    try:
+        model.head.load_state_dict(sd, strict=True)
+    except RuntimeError as e:  # another head kind or width: name the file and both sides
+        first = str(e).strip().splitlines()
+        raise UserError(
+            f"{source}: its pose head does not fit model.head (kind={model.config.head.kind}, "
+            f"channels={model.config.head.width}): {first[1].strip() if len(first) > 1 else first[0]}; "
+            "set model.head to match or init.load_head=false"
+        ) from None
 
 
 def _hub_model_type(repo_id: str, revision: str | None) -> str | None:
@@ -147,28 +159,38 @@ def load_pose_checkpoint(
     model_cfg: PoseConfig | None = None,
     revision: str | None = None,
 ) -> PoseModel:
-    """A `PoseModel` from a folder / Hub id, or a Sapiens pose `.pth` (built from `model_cfg`).
+    """A `PoseModel` from a folder / Hub id, or a Sapiens pose `.pth` (built from `model_cfg` when
+    given, else from the checkpoint's own shapes, the scheme from its head's K).
 
     With `expected_scheme`, a head for another number of keypoints is a UserError naming the file,
     the expected and the found K.
     """
     p = Path(path)
     if p.is_file() and p.suffix in _PTH_SUFFIXES:
-        if model_cfg is None:
-            raise UserError(f"{path}: a .pth checkpoint needs a --config with the model section")
-        model = PoseModel(model_cfg)
-        init_model(model, InitConfig(path=path, kind="pth"))
+        if model_cfg is not None:  # the config says what to build; the checkpoint must fit it
+            model = PoseModel(model_cfg)
+            init_model(model, InitConfig(path=path, kind="pth"))
+            return model
+        from sapiens_lite.convert import build_pose_model, convert_state_dict
+        from sapiens_lite.convert.safe_load import load_checkpoint_file
+
+        model = build_pose_model(convert_state_dict(load_checkpoint_file(path)))  # scheme from the head's K
+        _check_scheme(model, expected_scheme, path)
         return model
     if not p.exists() and (p.is_absolute() or path.startswith(".") or path.count("/") != 1):
         raise UserError(f"{path}: checkpoint not found")
     model = PoseModel.from_pretrained(path, revision=revision)
+    _check_scheme(model, expected_scheme, path)
+    return model
+
+
+def _check_scheme(model: PoseModel, expected_scheme: str | None, path: str) -> None:
     if expected_scheme is not None and canonical_name(model.config.scheme) != canonical_name(expected_scheme):
         expected_k = get_scheme(expected_scheme).num_keypoints
         raise UserError(
             f"{path}: the checkpoint's head predicts {model.scheme.num_keypoints} keypoints ({model.config.scheme}), "
             f"expected {expected_k} (model.scheme={expected_scheme})"
         )
-    return model
 
 
 # ---- the run ---------------------------------------------------------------------------------------

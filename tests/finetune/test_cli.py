@@ -28,6 +28,7 @@ def _config(tmp_path, scheme="coco17", val=None):
         "data:",
         f"  val_ann: {val or ''}",
         f"  val_images: {tmp_path / 'img'}",
+        "  num_workers: 0",
         "eval:",
         "  batch_size: 4",
     ]
@@ -64,6 +65,31 @@ def test_eval_checkpoint_with_the_wrong_head_exits_2_naming_file_and_counts(tmp_
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(tmp_path / "g308") in err and "308" in err and "expected 17" in err
+
+
+def test_eval_sapiens_pth_with_the_wrong_head_exits_2(tmp_path, capsys):
+    import torch
+
+    from sapiens_lite.convert.sapiens import BACKBONE_KEYS, HEAD_KEYS
+    from tests.finetune.test_train import _to_sapiens_names
+
+    val = _val_set(tmp_path)
+    src = build_pose_model("vit_test", "goliath308", input_size=(64, 48))
+    sd = _to_sapiens_names(src.backbone.state_dict(), BACKBONE_KEYS, "backbone.")
+    sd.update(_to_sapiens_names(src.head.state_dict(), HEAD_KEYS, "head."))
+    torch.save({"state_dict": sd}, tmp_path / "sapiens_308.pth")
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(tmp_path / "sapiens_308.pth"),
+            "--config",
+            str(_config(tmp_path, val=val)),
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "sapiens_308.pth" in err and "308 keypoints, expected 17" in err
 
 
 def test_eval_annotations_with_the_wrong_keypoint_count_exit_2(tmp_path, capsys):

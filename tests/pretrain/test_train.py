@@ -126,8 +126,8 @@ def test_tiny_run_loss_falls_and_writes_pictures(tmp_path):
     assert len(losses) == 5 and all(r["img_per_s"] > 0 and r["mfu"] > 0 for r in log)
     assert losses[-1] < 0.85 * losses[0], losses
     assert sorted(p.name for p in (tmp_path / "run" / "viz").iterdir()) == [
-        "step_00000075.png",
-        "step_00000150.png",
+        "step_00000050.png",
+        "step_00000100.png",
     ]
     assert summary["steps"] == 100
 
