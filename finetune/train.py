@@ -222,7 +222,9 @@ class EvalHook:
     def __init__(self, cfg: FinetuneConfig, every: int):
         self.cfg = cfg
         self.every = every
-        self.best = -1.0
+        # A resumed run keeps the best AP of its earlier part (best/metrics.json), not just its own.
+        best_file = Path(cfg.engine.run_dir) / "best" / "metrics.json"
+        self.best = json.loads(best_file.read_text())["AP"] if best_file.is_file() else -1.0
         self.history: list[dict] = []
 
     def __call__(self, engine, step: int, last_batch, metrics: dict) -> None:
@@ -266,18 +268,6 @@ def _save_model(model: PoseModel, folder: Path, metrics: dict | None) -> None:
         tmp = folder / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=1))
         os.replace(tmp, folder / "metrics.json")
-
-
-class _EpochLoader(ResumableLoader):
-    """ResumableLoader that also tells the dataset the epoch (its augmentation is seeded by (seed, epoch, index))."""
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.dataset.set_epoch(self.epoch)
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.dataset.set_epoch(self.epoch)
 
 
 def train(cfg: FinetuneConfig) -> dict:
@@ -327,7 +317,7 @@ def train(cfg: FinetuneConfig) -> dict:
         dataset = TopDownDataset.from_config(cfg, split="train")
         if dataset.skipped:
             print(f"[finetune] {cfg.data.train_ann}: skipped {dict(dataset.skipped)}", flush=True)
-        loader = _EpochLoader(
+        loader = ResumableLoader(
             dataset,
             cfg.engine.micro_batch_size,
             rank=engine.rank,

@@ -79,6 +79,8 @@ def _missing_extra(name: str, err: ImportError):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK is in the environment too.
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peaks (TFLOP/s, one device) of GPUs we train on; matched against the device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# bf16 matmul peaks (TFLOP/s, one device), matched against the device name. H100/H200: an 8192^3 bf16
+# matmul measured at 788-798 TFLOP/s on random data (the datasheet's dense 989 is not reached in practice);
+# A100: datasheet dense bf16. MFU is reported against these practical peaks.
+PEAK_BF16_TFLOPS = {"H200": 790.0, "H100": 798.0, "A100": 312.0}
 
 
 def measure_matmul_tflops(
@@ -53,7 +55,9 @@ def peak_tflops(device: torch.device, precision: str, configured: float | None =
                 return value, f"table ({name})"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     n = 256 if (device.type == "cpu" and dtype == torch.bfloat16) else None  # CPU bf16 matmuls are slow
-    return measure_matmul_tflops(device, dtype, n), f"measured {dtype} matmul"
+    # Best of three: on a busy machine one short measurement can land far under the real peak (MFU > 100 %).
+    best = max(measure_matmul_tflops(device, dtype, n) for _ in range(3))
+    return best, f"measured {dtype} matmul (best of 3)"
 
 
 def mfu(flops_per_sample: float | None, samples_per_s: float, peak: float, world_size: int) -> float | None:

@@ -16,6 +16,8 @@ from pretrain.mae import mae_forward_flops
 from sapiens_lite.cli import main as sapiens
 from sapiens_lite.config import load_config
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
+
 # vit_test MAE at 64x48 on drawn people: a training step takes milliseconds.
 TINY = {
     "model": {"encoder": {"arch": "vit_test"}, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
@@ -99,8 +101,8 @@ def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
 
 
 def test_mae_flops_count_visible_tokens_in_the_encoder():
-    cfg = load_config(PretrainConfig, [Path("configs/pretrain/sapiens_0.3b.yaml")])
-    half = load_config(PretrainConfig, [Path("configs/pretrain/sapiens_0.3b.yaml")], ["model.mask_ratio=0.5"])
+    cfg = load_config(PretrainConfig, [CONFIGS / "sapiens_0.3b.yaml"])
+    half = load_config(PretrainConfig, [CONFIGS / "sapiens_0.3b.yaml"], ["model.mask_ratio=0.5"])
     assert mae_forward_flops(half.model) > 1.5 * mae_forward_flops(cfg.model)
 
 
@@ -150,3 +152,14 @@ def test_two_rank_torchrun_end_to_end_and_resume(tmp_path):
     assert "resumed from" in r.stdout and "step 4" in r.stdout
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 6
+
+
+@pytest.mark.parametrize("name", ["sapiens_0.3b", "sapiens_0.6b", "sapiens_1b", "sapiens_2b", "tiny_cpu"])
+def test_shipped_configs_load_and_keep_the_recipe(name):
+    cfg = load_config(PretrainConfig, [CONFIGS / f"{name}.yaml"])
+    assert cfg.model.mask_ratio == 0.75 and cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
+    if name.startswith("sapiens"):
+        assert cfg.model.encoder.arch == name and cfg.data.img_size == (1024, 768)
+        assert cfg.optim.blr == 1.5e-4 and cfg.engine.global_batch_size == 4096
+        assert cfg.engine.micro_batch_size * cfg.engine.grad_accum_steps * 64 == 4096
+        assert cfg.engine.precision == "bf16" and cfg.optim.warmup_steps * 40 == cfg.engine.total_steps
