@@ -47,7 +47,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of: {', '.join(map(repr, choices))}")
+            raise ConfigError(
+                f"{key}: {value!r} is not a valid choice; choose one of: {', '.join(map(repr, choices))}"
+            )
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -63,7 +65,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}"
+        )
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value

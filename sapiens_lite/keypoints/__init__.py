@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from sapiens_lite.errors import UserError
@@ -74,7 +74,7 @@ def canonical_name(name: str) -> str:
     return name
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_scheme(name: str) -> KeypointScheme:
     """Return the scheme called `name` (e.g. "coco17", "coco_wholebody133", "goliath308")."""
     name = canonical_name(name)

@@ -1,4 +1,5 @@
 """Keypoint schemes (sapiens_lite/keypoints): COCO-17, COCO-WholeBody-133, Sapiens/Goliath-308."""
+
 from __future__ import annotations
 
 import re
