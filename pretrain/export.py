@@ -59,6 +59,12 @@ def export_backbone(
     from sapiens_lite.training.checkpoint import consolidate_fp32
 
     full = consolidate_fp32(deepspeed, run_dir, tag)
+    if "encoder.pos_embed" not in full and cfg.model.encoder.pos_embed == "sincos":
+        # ZeRO-1/2 checkpoints hold only trainable parameters; the fixed sin-cos table is not one of them.
+        # It is a function of the grid alone, so the model built from the run's config recreates it exactly.
+        from pretrain.mae import MaskedAutoencoder
+
+        full["encoder.pos_embed"] = MaskedAutoencoder(cfg.model).encoder.pos_embed.detach()
     sd = encoder_state_dict(full, drop_cls_token=drop_cls_token)
     vit_cfg = dataclasses.replace(
         cfg.model.encoder,

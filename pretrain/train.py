@@ -286,12 +286,23 @@ def fit(cfg: PretrainConfig, *, resume: bool = True):
     data = build_data(cfg, engine, wds, checked["shards"])
     hooks = [EveryN(cfg.viz.every, save_reconstructions(cfg))] if cfg.viz.every > 0 else []
     summary = engine.fit(data, step_fn, hooks=hooks)
+    # The finished run also holds its encoder as a backbone folder (what `sapiens export-backbone` writes),
+    # so `sapiens finetune init.path=<this run dir>` starts from it directly. The final checkpoint is on
+    # disk for every rank once fit returns; rank 0 consolidates it, the others wait.
+    backbone_dir = Path(cfg.engine.run_dir) / "backbone"
     if engine.is_main:
+        from pretrain.export import export_backbone
+
+        export_backbone(cfg.engine.run_dir, backbone_dir, deepspeed=deepspeed)
         print(
             f"[pretrain] done: {summary['steps']} steps, final loss {summary['final_loss']}, "
-            f"{summary['img_per_s'] or 0:.1f} img/s; checkpoints in {engine.ckpt_dir}",
+            f"{summary['img_per_s'] or 0:.1f} img/s; checkpoints in {engine.ckpt_dir}; backbone in {backbone_dir}",
             flush=True,
         )
+    if engine.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     return engine, summary
 
 

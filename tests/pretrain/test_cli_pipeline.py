@@ -1,7 +1,8 @@
-"""The data pipeline from the command line: `sapiens data synth` -> `sapiens data pack` -> `sapiens pretrain`.
+"""The pipeline from the command line: `sapiens data synth` -> `data pack` -> `pretrain` -> `finetune` -> `eval`.
 
-Each step runs as its own `sapiens` process, the way a user types it, and the pretraining run streams
-the packed shards (index.json) through the webdataset loader with worker processes.
+Each step runs as its own `sapiens` process, the way a user types it: the pretraining run streams the
+packed shards (index.json) through the webdataset loader with worker processes and leaves its encoder in
+run_dir/backbone, and fine-tuning starts from that run directory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import yaml
 def sapiens(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "sapiens_lite.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "sapiens_lite.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert r.returncode == 0, f"sapiens {' '.join(args)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
@@ -27,7 +32,9 @@ def sapiens(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_synth_pack_then_pretrain_from_the_shards(tmp_path):
     synth, shards, run = tmp_path / "synth", tmp_path / "shards", tmp_path / "run"
-    sapiens("data", "synth", str(synth), "--num-images", "40", "--seed", "3", "--size", "96x72", "--no-progress")
+    sapiens(
+        "data", "synth", str(synth), "--num-images", "40", "--seed", "3", "--size", "96x72", "--no-progress"
+    )
     sapiens(
         "data", "pack", "--coco", str(synth / "annotations.json"), "--out", str(shards),
         "--max-samples", "12", "--no-progress",
@@ -55,3 +62,41 @@ def test_synth_pack_then_pretrain_from_the_shards(tmp_path):
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in log)  # finite
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert (run / "viz" / "step_00000006.png").is_file()
+    assert json.loads((run / "backbone" / "config.json").read_text())["model_type"] == "vit"
+
+    # Fine-tune a 308-keypoint model on the same drawn people, starting from the pretraining run.
+    ft = tmp_path / "ft"
+    ft_cfg = {
+        "model": {
+            "scheme": "goliath308", "input_size": [64, 48], "sigma": 2.0,
+            "backbone": {"arch": "vit_test", "img_size": [64, 48]}, "head": {"kind": "simple"},
+        },
+        "data": {
+            "train_ann": str(synth / "annotations.json"), "train_images": str(synth / "images"),
+            "val_ann": str(synth / "annotations.json"), "val_images": str(synth / "images"), "num_workers": 0,
+        },
+        "engine": {
+            "run_dir": str(ft), "total_steps": 4, "micro_batch_size": 4, "checkpoint_every": 4,
+            "log_every": 2, "tensorboard": False, "progress": False,
+        },
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "layer_decay": 0.9},
+        "init": {"path": str(run)},
+        "eval": {"every_steps": 0, "batch_size": 16},
+    }  # fmt: skip
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(ft_cfg))
+    r = sapiens("finetune", "--config", str(tmp_path / "ft.yaml"))
+    assert f"backbone {run / 'backbone'}" in r.stdout, r.stdout[-2000:]
+    out = tmp_path / "eval"
+    sapiens(
+        "eval",
+        "--config",
+        str(tmp_path / "ft.yaml"),
+        "--checkpoint",
+        str(ft / "final"),
+        "--no-flip",
+        "--out",
+        str(out),
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["AP"] <= 1.0 and 0.0 <= metrics["PCK@0.05"] <= 1.0
+    assert len(json.loads((out / "results.json").read_text())) > 0
