@@ -168,6 +168,7 @@ def test_short_training_on_synthetic_people_beats_the_untrained_model(tmp_path):
         f"data.val_images={val_json.parent / 'images'}",
         f"engine.run_dir={tmp_path / 'run'}",
         "engine.total_steps=300",
+        "optim.warmup_steps=50",
         "engine.micro_batch_size=16",
         "engine.checkpoint_every=300",
         "engine.progress=false",
