@@ -5,9 +5,13 @@ The deepspeed module is passed in by the trainer; this package never imports it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,12 +85,22 @@ def init_distributed(deepspeed, backend: str = "auto") -> tuple[int, int, int, t
             f"engine.dist_backend='nccl' needs CUDA GPUs, but the accelerator is {accel!r}; use gloo"
         )
     if not dist.is_initialized():
-        set_single_process_env()
+        alone = set_single_process_env()
         if accel == "cuda":  # before the process group, so NCCL binds this rank's GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # With RANK/WORLD_SIZE set (torchrun, the deepspeed launcher, or us) DeepSpeed uses them;
         # under an MPI launcher it discovers them through mpi4py.
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if alone:
+            # A world of one rendezvous through a file, not a TCP port: a port picked as free can be
+            # taken by another process before the store binds it (EADDRINUSE, seen in CI).
+            store_dir = tempfile.mkdtemp(prefix="sapiens-pg-")
+            atexit.register(shutil.rmtree, store_dir, ignore_errors=True)
+            store = Path(store_dir) / "store"
+            deepspeed.init_distributed(
+                dist_backend=backend, verbose=False, init_method=f"file://{store}", rank=0, world_size=1
+            )
+        else:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel == "cuda":
