@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,21 @@ def test_shipped_configs_load_and_keep_the_recipe(name):
         assert cfg.optim.blr == 1.5e-4 and cfg.engine.global_batch_size == 4096
         assert cfg.engine.micro_batch_size * cfg.engine.grad_accum_steps * 64 == 4096
         assert cfg.engine.precision == "bf16" and cfg.optim.warmup_steps * 40 == cfg.engine.total_steps
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_the_command(tmp_path):
+    """The README's DeepSpeed-launcher form on one machine: 2 CPU ranks, ZeRO-2. The launcher passes
+    --local_rank=N before the command; `sapiens` takes LOCAL_RANK from the environment instead."""
+    cfg = write_config(tmp_path, engine={"zero_stage": 2, "checkpoint_every": 4}, viz={"every": 0})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    with socket.socket() as s:  # a port nothing listens on now (the launcher has no "pick one" option)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
+    cmd += ["--module", "sapiens_lite.cli", "pretrain", "--config", str(cfg)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "world 2 on cpu ({'stage': 2}" in r.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()
