@@ -275,6 +275,11 @@ def train(cfg: FinetuneConfig) -> dict:
 
     Rerunning with the same engine.run_dir resumes exactly from its latest checkpoint.
     """
+    _check_paths(cfg)  # user mistakes surface before DeepSpeed is even imported
+
+    from sapiens_lite.training.dist import set_ds_accelerator_env
+
+    set_ds_accelerator_env()  # cpu when no GPU is visible; must precede `import deepspeed`
     import deepspeed
 
     from finetune.data import TopDownDataset, build_pose_stream
@@ -282,8 +287,6 @@ def train(cfg: FinetuneConfig) -> dict:
     from sapiens_lite.flops import forward_flops
     from sapiens_lite.training.engine import Engine
     from sapiens_lite.training.optim import param_groups, vit_layer_id
-
-    _check_paths(cfg)
 
     def build_model() -> PoseModel:
         model = PoseModel(cfg.model)
