@@ -7,6 +7,8 @@ sapiens eval --checkpoint runs/tiny/final --ann val.json --images val/ --detecti
 
 from __future__ import annotations
 
+from sapiens_lite.cli import add_config_arguments
+
 
 def add_finetune_command(sub) -> None:
     p = sub.add_parser(
@@ -14,8 +16,7 @@ def add_finetune_command(sub) -> None:
         help="top-down heatmap pose fine-tuning with DeepSpeed",
         description="Fine-tune a pose model. Settings: defaults < --config files (in order) < section.key=value.",
     )
-    p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. engine.total_steps=100")
+    add_config_arguments(p)
     p.set_defaults(func=run_finetune)
 
 
@@ -43,12 +44,8 @@ def add_eval_command(sub) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="pose model folder, Hub repo id, or a Sapiens pose .pth"
     )
-    p.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="YAML",
-        help="fine-tuning config (val set, eval knobs)",
+    add_config_arguments(
+        p, config_help="fine-tuning config (val set, eval knobs)", example="eval.batch_size=8"
     )
     p.add_argument("--ann", help="val annotation JSON (default: data.val_ann of the config)")
     p.add_argument("--images", help="val image folder (default: data.val_images of the config)")
@@ -56,7 +53,6 @@ def add_eval_command(sub) -> None:
     p.add_argument("--no-flip", action="store_true", help="disable flip test")
     p.add_argument("--out", help="folder for results.json and metrics.json (default: next to the checkpoint)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.batch_size=8")
     p.set_defaults(func=run_eval)
 
 

@@ -6,7 +6,7 @@ parser stays fast.
 
 from __future__ import annotations
 
-import argparse
+from sapiens_lite.cli import add_config_arguments
 
 
 def add_pretrain_command(subparsers) -> None:
@@ -19,14 +19,9 @@ def add_pretrain_command(subparsers) -> None:
             "deepspeed launcher; resumes from run_dir's latest checkpoint."
         ),
     )
-    p.add_argument(
-        "--config", action="append", default=[], metavar="YAML", help="config file(s), applied in order"
-    )
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. engine.total_steps=100")
+    add_config_arguments(p)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has a checkpoint")
     p.add_argument("--dry-run", action="store_true", help="validate config and data, print the config, exit")
-    # The deepspeed launcher appends --local_rank=N; the engine reads LOCAL_RANK from the environment.
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run_pretrain)
 
 

@@ -28,6 +28,17 @@ BUILTIN_COMMANDS: dict[str, str] = {
 ENTRY_POINT_GROUP = "sapiens.commands"
 
 
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    config_help: str = "config file(s), applied in order",
+    example: str = "engine.total_steps=100",
+) -> None:
+    """`--config YAML` (repeatable) and trailing `section.key=value` overrides, for `sapiens_lite.config.load_config`."""
+    parser.add_argument("--config", action="append", default=[], metavar="YAML", help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=f"e.g. {example}")
+
+
 def _load(target: str):
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
