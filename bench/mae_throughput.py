@@ -9,6 +9,11 @@ against a matmul peak measured in the same run (bench/_peak.py).
     python bench/mae_throughput.py --profile                         # + where the time goes (torch.profiler)
     python bench/mae_throughput.py --device cuda --arch sapiens_0.3b --size 1024 768 --dtype bf16 --batch 16
     python bench/mae_throughput.py --device cuda --find-largest      # largest batch per Sapiens size in 80 GB
+    bash bench/gpu_check.sh                                           # all GPU figures in one go (device tool)
+
+`--compile` adds compiled rows in the same run: ours the way `engine.compile` trains it (each block's
+forward compiled, `sapiens_lite.training.engine.compile_blocks`), transformers with `torch.compile(model)`;
+`--compile-full` adds ours with `torch.compile(model)`, to see what compiling beyond the blocks would add.
 
 MFU counts model FLOPs (`pretrain.mae.mae_train_flops`: encoder on the 25% visible tokens, decoder on
 all tokens, x3 for forward + backward), the same numerator for both implementations.
@@ -30,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._peak import measure_matmul_peak, mfu  # noqa: E402
 from pretrain.mae import MaskedAutoencoder, mae_config, mae_train_flops  # noqa: E402
+from sapiens_lite.training.engine import compile_blocks  # noqa: E402
+from sapiens_lite.training.monitor import peak_memory_gib  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -70,10 +77,7 @@ def build_reference(args, cfg) -> torch.nn.Module:
         norm_pix_loss=cfg.norm_pix_loss,
         attn_implementation="sdpa",
     )
-    model = ViTMAEForPreTraining(hf_cfg)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
+    return ViTMAEForPreTraining(hf_cfg)
 
 
 def make_step(model, opt, imgs, dtype, device, ours: bool, non_square: bool):
@@ -144,14 +148,29 @@ def run_compare(args) -> None:
     ours, cfg = build_ours(args)
     flops_per_img = mae_train_flops(cfg)
     models = {"ours": ours, "transformers": build_reference(args, cfg)}
+    if args.compile:  # separate copies with the same weights, so eager and compiled rows share the run
+        models["ours+compile"], _ = build_ours(args)
+        models["ours+compile"].load_state_dict(ours.state_dict())
+        models["transformers+compile"] = build_reference(args, cfg)
+        models["transformers+compile"].load_state_dict(models["transformers"].state_dict())
+    if args.compile_full:
+        models["ours+compile-full"], _ = build_ours(args)
+        models["ours+compile-full"].load_state_dict(ours.state_dict())
     steps, results = {}, {}
     for name, model in models.items():
-        is_ours = name == "ours"
-        if is_ours and args.checkpointing:
-            model.set_grad_checkpointing(True)
+        is_ours = name.startswith("ours")
+        if args.checkpointing:
+            if is_ours:
+                model.set_grad_checkpointing(True)
+            else:
+                model.gradient_checkpointing_enable()
         model.to(device).train()
         opt, opt_name = optimizer_for(model, device, fused=is_ours or args.fused_reference)
-        fwd = torch.compile(model) if args.compile else model
+        fwd = model
+        if name == "ours+compile":
+            compile_blocks(model)  # what engine.compile does
+        elif name in ("transformers+compile", "ours+compile-full"):
+            fwd = torch.compile(model)
         steps[name] = (make_step(fwd, opt, imgs, dtype, device, is_ours, non_square), opt_name)
     # Interleave the two (A, B, A, B, ...): on a shared or throttling machine both see the same load.
     times = {name: [] for name in steps}
@@ -184,23 +203,25 @@ def run_compare(args) -> None:
         f"{args.size[0]}x{args.size[1]}, batch {args.batch}, {args.dtype}, device {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}"
         f", decoder {cfg.decoder_dim}d{cfg.decoder_depth}b, mask 0.75, norm-pix loss"
-        f"{', activation checkpointing' if args.checkpointing else ''}{', torch.compile' if args.compile else ''}"
+        f"{', activation checkpointing' if args.checkpointing else ''}"
     )
     print(
         f"model FLOPs per training image: {flops_per_img / 1e9:.2f} GFLOP; measured matmul peak {peak:.2f} TFLOP/s ({args.dtype})"
     )
-    print(f"{'impl':<14}{'step ms':>10}{'img/s':>10}{'MFU':>8}  optimizer")
-    for name in ("ours", "transformers"):
+    print(f"{'impl':<22}{'step ms':>10}{'img/s':>10}{'MFU':>8}  optimizer")
+    for name in models:
         r = results.get(name)
         if r is None:
-            print(f"{name:<14}{'failed':>10}")
+            print(f"{name:<22}{'failed':>10}")
             continue
         u = mfu(r["img_s"] * flops_per_img, peak)
-        print(f"{name:<14}{r['step_s'] * 1e3:>10.1f}{r['img_s']:>10.2f}{u:>8.1%}  {r['opt']}")
-    if results.get("ours") and results.get("transformers"):
-        print(
-            f"speed-up ours / transformers: {results['ours']['img_s'] / results['transformers']['img_s']:.2f}x"
-        )
+        print(f"{name:<22}{r['step_s'] * 1e3:>10.1f}{r['img_s']:>10.2f}{u:>8.1%}  {r['opt']}")
+    for suffix in ("", "+compile", "+compile-full"):
+        a, b = results.get("ours" + suffix), results.get("transformers" + suffix.replace("-full", ""))
+        if a and b:
+            print(f"speed-up ours{suffix} / transformers{suffix}: {a['img_s'] / b['img_s']:.2f}x")
+    if device.type == "cuda":
+        print(f"peak GPU memory of the run: {peak_memory_gib(device):.1f} GiB")
 
 
 def find_largest(args) -> None:
@@ -211,23 +232,27 @@ def find_largest(args) -> None:
     step and stays, as in training.
     """
     device = torch.device(args.device)
-    assert device.type == "cuda", "--find-largest needs a CUDA device"
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total), device)
+    cuda = device.type == "cuda"  # on a CPU (a smoke test of this code) nothing runs out: up to --max-batch
+    if cuda:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total), device)
     dtype = DTYPES[args.dtype]
     rows = []
     for arch in args.archs:
         gc.collect()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
         args.arch = arch
         with torch.device(device):  # initialise on the GPU: seconds instead of minutes for 2B parameters
             model, cfg = build_ours(args)
         model.set_grad_checkpointing(True)
+        if args.compile:
+            compile_blocks(model)
         model.train()
         opt, _ = optimizer_for(model, device, fused=True)
         best, stats, batch = 0, None, 1
         while batch <= args.max_batch:
-            torch.cuda.reset_peak_memory_stats(device)
+            peak_memory_gib(device)  # resets the CUDA peak
             try:
                 imgs = torch.randn(batch, 3, *args.size, device=device)
                 step = make_step(model, opt, imgs, dtype, device, True, False)
@@ -238,22 +263,19 @@ def find_largest(args) -> None:
                 imgs = step = None
                 opt.zero_grad(set_to_none=True)
                 gc.collect()
-                torch.cuda.empty_cache()
+                if cuda:
+                    torch.cuda.empty_cache()
             img_s = batch / statistics.median(times)
             best = batch
-            stats = (
-                torch.cuda.max_memory_allocated(device) / 2**30,
-                img_s,
-                mfu(img_s * mae_train_flops(cfg), args.peak),
-            )
+            stats = (peak_memory_gib(device), img_s, mfu(img_s * mae_train_flops(cfg), args.peak))
             print(f"  {arch} batch {batch}: {stats[0]:.1f} GiB, {img_s:.1f} img/s", flush=True)
             batch *= 2
         rows.append((arch, best, stats))
         del model, opt
     print(
-        f"\nLargest batch per GPU within {args.memory_gb:.0f} GB ({args.dtype} autocast, fp32 weights + AdamW state, "
-        f"activation checkpointing, {args.size[0]}x{args.size[1]}), {torch.cuda.get_device_name(device)}, "
-        f"matmul peak {args.peak:.0f} TFLOP/s:"
+        f"\nLargest batch per device within {args.memory_gb:g} GiB ({args.dtype} autocast, fp32 weights + AdamW state, "
+        f"activation checkpointing{', compiled blocks' if args.compile else ''}, {args.size[0]}x{args.size[1]}), "
+        f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}, matmul peak {args.peak:.3g} TFLOP/s:"
     )
     print(f"{'arch':<14}{'batch':>6}{'peak GiB':>10}{'img/s':>8}{'MFU':>7}")
     for arch, best, st in rows:
@@ -277,7 +299,16 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both models")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add compiled rows (ours: engine.compile's per-block compile; transformers: whole model)",
+    )
+    p.add_argument(
+        "--compile-full",
+        action="store_true",
+        help="add a row of ours with torch.compile(model) (masking, loss and embeddings compiled too)",
+    )
     p.add_argument(
         "--fused-reference",
         action="store_true",
@@ -287,7 +318,12 @@ def main(argv=None) -> None:
     p.add_argument(
         "--find-largest", action="store_true", help="largest batch of sapiens_0.3b..2b in --memory-gb"
     )
-    p.add_argument("--memory-gb", type=float, default=80.0)
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=79.1,
+        help="GiB a --find-largest step may use (an 80 GB H100 has 79.1; caps an H200 to it)",
+    )
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--archs", nargs="+", default=["sapiens_0.3b", "sapiens_0.6b", "sapiens_1b", "sapiens_2b"])
     args = p.parse_args(argv)

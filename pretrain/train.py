@@ -291,12 +291,16 @@ def fit(cfg: PretrainConfig, *, resume: bool = True):
     # disk for every rank once fit returns; rank 0 consolidates it, the others wait.
     backbone_dir = Path(cfg.engine.run_dir) / "backbone"
     if engine.is_main:
-        from pretrain.export import export_backbone
+        if cfg.engine.checkpoint_every:
+            from pretrain.export import export_backbone
 
-        export_backbone(cfg.engine.run_dir, backbone_dir, deepspeed=deepspeed)
+            export_backbone(cfg.engine.run_dir, backbone_dir, deepspeed=deepspeed)
+            saved = f"checkpoints in {engine.ckpt_dir}; backbone in {backbone_dir}"
+        else:
+            saved = "nothing saved (engine.checkpoint_every=0)"
         print(
             f"[pretrain] done: {summary['steps']} steps, final loss {summary['final_loss']}, "
-            f"{summary['img_per_s'] or 0:.1f} img/s; checkpoints in {engine.ckpt_dir}; backbone in {backbone_dir}",
+            f"{summary['img_per_s'] or 0:.1f} img/s; {saved}",
             flush=True,
         )
     if engine.world_size > 1:

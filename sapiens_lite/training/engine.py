@@ -51,7 +51,7 @@ from sapiens_lite.training.dist import (
     seed_everything,
     set_rng_state,
 )
-from sapiens_lite.training.monitor import RunLogger, mfu, peak_tflops
+from sapiens_lite.training.monitor import RunLogger, mfu, peak_memory_gib, peak_tflops
 from sapiens_lite.training.optim import describe_param_groups
 from sapiens_lite.training.optim import param_groups as default_param_groups
 from sapiens_lite.training.schedule import lr_at, scaled_lr
@@ -112,6 +112,24 @@ def build_ds_config(cfg: EngineConfig, optim: OptimConfig, world_size: int) -> d
         # it; with it, fp32 inputs meet the bf16 weights through autocast (norms and losses in fp32).
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return ds
+
+
+def compile_blocks(model: nn.Module) -> list[nn.Module]:
+    """torch.compile the forward of every timm `Block` in `model`, in place; returns the blocks.
+
+    Regional compilation: same-shaped blocks share one graph, compiled once however deep the model
+    (an MAE compiles two: encoder and decoder block); `model`'s class, state-dict keys and module hooks
+    stay as they are. Replacing `forward` rather than `__call__` keeps the block's own hooks outside the
+    compiled code (the engine makes blocks ZeRO-3 leaves, so that their submodules carry no hooks
+    either). The fusions (LayerNorm, GELU, bias and residual adds around the matmuls) are for GPUs; on a
+    CPU the matmuls are the time and compiling changes nothing measurable.
+    """
+    from timm.models.vision_transformer import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    return blocks
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -179,6 +197,18 @@ class Engine:
                     f"engine.activation_checkpointing=true but {type(model).__name__} has no set_grad_checkpointing()"
                 )
             model.set_grad_checkpointing(True)
+        if cfg.compile:
+            blocks = compile_blocks(model)
+            if not blocks:
+                raise UserError(
+                    f"engine.compile=true but {type(model).__name__} has no transformer blocks to compile"
+                )
+            if cfg.zero_stage == 3:
+                # ZeRO-3 hooks every submodule to gather its parameters; inside a compiled block each hook
+                # is a graph break (one block became ~10 graphs on CPU). As leaves, blocks gather all their
+                # parameters in one hook, outside the compiled forward.
+                for block in blocks:
+                    deepspeed.utils.set_z3_leaf_module(block, True)
 
         self.base_lr = scaled_lr(optim, self.global_batch_size)
         groups = (
@@ -336,10 +366,13 @@ class Engine:
                 f"[engine] step {self.step + 1}: non-finite loss, micro-batch dropped ({n} in a row)"
             )
         if n >= self.cfg.max_nonfinite:
-            tag = self.save_checkpoint()
+            if self.cfg.checkpoint_every:
+                saved = f"saved checkpoint {self.ckpt_dir / self.save_checkpoint()}"
+            else:
+                saved = "no checkpoint saved (engine.checkpoint_every=0)"
             raise UserError(
                 f"{n} consecutive non-finite losses before step {self.step + 1} (engine.max_nonfinite="
-                f"{self.cfg.max_nonfinite}); saved checkpoint {self.ckpt_dir / tag}. Lower the lr "
+                f"{self.cfg.max_nonfinite}); {saved}. Lower the lr "
                 "(optim.blr / optim.lr), set optim.grad_clip, or check the data"
             )
 
@@ -393,7 +426,9 @@ class Engine:
                     if self.step % hook.every == 0:
                         hook(self, self.step, batch, metrics)
                         self.ds.train()  # a hook may have switched to eval mode
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
+                if cfg.checkpoint_every and (
+                    self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps
+                ):
                     self.save_checkpoint()
                 self._logger.advance()
         finally:
@@ -417,7 +452,13 @@ class Engine:
         all_reduce(t, "mean")
         values: dict[str, Any] = dict(zip(keys, t.tolist()))
         img_per_s = n_steps * self.global_batch_size / seconds if seconds > 0 else 0.0
-        values.update(lr=lr, img_per_s=img_per_s, epoch=self.epoch, nonfinite_skipped=self.nonfinite_skipped)
+        values.update(
+            lr=lr,
+            img_per_s=img_per_s,
+            mem_gib=round(peak_memory_gib(self.device), 3),
+            epoch=self.epoch,
+            nonfinite_skipped=self.nonfinite_skipped,
+        )
         stats = getattr(self._data, "stats", None)  # the webdataset StreamLoader counts bad samples
         if isinstance(stats, dict) and "skipped" in stats:
             values["data_skipped"] = int(stats["skipped"])

@@ -1,7 +1,8 @@
 """What a run shows and records: tqdm bar, JSONL log, TensorBoard scalars, throughput and MFU, plots.
 
 Only rank 0 writes. `log.jsonl` holds one JSON object per log step
-(`{"step": 100, "loss": 0.61, "lr": 1.2e-4, "img_per_s": 812.0, "mfu": 0.41, ...}`); `plot_log` draws it.
+(`{"step": 100, "loss": 0.61, "lr": 1.2e-4, "img_per_s": 812.0, "mfu": 0.41, "mem_gib": 61.2, ...}`);
+`plot_log` draws it. `mem_gib` is rank 0's peak memory in the window (`peak_memory_gib`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def peak_tflops(device: torch.device, precision: str, configured: float | None =
     # Best of three: on a busy machine one short measurement can land far under the real peak (MFU > 100 %).
     best = max(measure_matmul_tflops(device, dtype, n) for _ in range(3))
     return best, f"measured {dtype} matmul (best of 3)"
+
+
+def peak_memory_gib(device: torch.device, reset: bool = True) -> float:
+    """Peak memory since the last reset, GiB: CUDA tensors' allocation on `device` (then reset, so each
+    log window shows its own peak); on a CPU the process's peak resident set since start (it cannot be reset)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def mfu(flops_per_sample: float | None, samples_per_s: float, peak: float, world_size: int) -> float | None:
@@ -128,7 +142,7 @@ class RunLogger:
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(f"train/{k}", v, step)
         if self._bar is not None:
-            post = {k: values[k] for k in ("loss", "lr", "img_per_s") if values.get(k) is not None}
+            post = {k: values[k] for k in ("loss", "lr", "img_per_s", "mem_gib") if values.get(k) is not None}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in post.items()}, refresh=False)
 
     def close(self) -> None:

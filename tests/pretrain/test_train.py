@@ -182,3 +182,17 @@ def test_deepspeed_launcher_runs_the_command(tmp_path):
     assert "world 2 on cpu ({'stage': 2}" in r.stdout
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_smoke_run_without_checkpoints(tmp_path, capsys):
+    """engine.compile + engine.checkpoint_every=0, the GPU throughput setting (bench/gpu_check.sh): the
+    blocks compile, the loss is logged with memory, and nothing is written to checkpoints/ or backbone/."""
+    cfg = write_config(tmp_path, engine={"checkpoint_every": 0, "compile": True}, viz={"every": 0})
+    rc = sapiens(["pretrain", "--config", str(cfg), "engine.activation_checkpointing=true"])
+    assert rc == 0
+    assert "nothing saved (engine.checkpoint_every=0)" in capsys.readouterr().out
+    run = tmp_path / "run"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4] and all(r["mem_gib"] > 0 for r in log)
+    assert not (run / "checkpoints").exists() and not (run / "backbone").exists()

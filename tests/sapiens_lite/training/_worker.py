@@ -7,6 +7,7 @@ Scenarios (one launcher start runs several configurations in turn, to keep the t
            in-process ZeRO-3 crash + resume
   kill     a 12-step ZeRO-2 run, SIGKILLed by rank 0 at step 8 (checkpoint at 6)
   resume   resumes the killed run to step 12, then runs the same 12 steps uninterrupted
+  compile  a tiny ViT under ZeRO 2 and 3, eager and with engine.compile (regional torch.compile)
 Each rank writes OUT_DIR/<scenario>_rank<r>.json; the test compares them.
 """
 
@@ -199,6 +200,62 @@ def scenario_matrix(out: Path) -> dict:
     return res
 
 
+class TinyViT(nn.Module):
+    """Two timm blocks (vit_test) on a 32x32 image and a linear read-out: what `engine.compile` compiles."""
+
+    def __init__(self):
+        super().__init__()
+        from sapiens_lite.models.vit import build_vit
+
+        self.backbone = build_vit("vit_test", img_size=(32, 32), drop_path_rate=0.0)
+        self.head = nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features(x).mean((2, 3)))  # [B, 1]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+
+def vit_step_fn(model, batch):
+    x, y = batch
+    img = x.repeat_interleave(3 * 128, dim=1).reshape(-1, 3, 32, 32)  # [B, 3, 32, 32] from [B, 8]
+    loss = ((model(img).float() - y) ** 2).mean()
+    return loss, {}
+
+
+def scenario_compile(out: Path) -> dict:
+    from torch._dynamo.utils import counters
+
+    res: dict = {}
+    for zero in (2, 3):
+        for compiled in (False, True):
+            name = f"z{zero}_{'compiled' if compiled else 'eager'}"
+            counters.clear()
+            engine = Engine(
+                deepspeed,
+                TinyViT,
+                cfg_for(
+                    out / name,
+                    zero,
+                    total=3,
+                    checkpoint_every=100,
+                    compile=compiled,
+                    activation_checkpointing=True,
+                ),  # fmt: skip
+                OPTIM,
+            )
+            summary = engine.fit(loader(engine), vit_step_fn)
+            res[name] = {
+                "steps": summary["steps"],
+                "losses": log_losses(out / name) if engine.is_main else {},
+                "keys": sorted(engine.module.state_dict()),
+                "graphs": counters["stats"]["unique_graphs"],
+                "graph_breaks": sum(counters["graph_break"].values()),
+            }
+    return res
+
+
 def scenario_kill(out: Path) -> dict:
     def kill(engine, step, batch, metrics):
         if engine.rank == 0:
@@ -215,7 +272,13 @@ def scenario_resume(out: Path) -> dict:
 
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    result = {"matrix": scenario_matrix, "kill": scenario_kill, "resume": scenario_resume}[scenario](out)
+    scenarios = {
+        "matrix": scenario_matrix,
+        "kill": scenario_kill,
+        "resume": scenario_resume,
+        "compile": scenario_compile,
+    }
+    result = scenarios[scenario](out)
     rank = dist.get_rank()
     tmp = out / f"{scenario}_rank{rank}.json.tmp"
     tmp.write_text(json.dumps(result, default=str))

@@ -117,9 +117,10 @@ def test_logs_lr_schedule_and_written_files(tmp_path):
 
     records = read_log(tmp_path / "log.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6]
-    for key in ("loss", "lr", "img_per_s", "mfu", "nonfinite_skipped", "epoch"):
+    for key in ("loss", "lr", "img_per_s", "mfu", "mem_gib", "nonfinite_skipped", "epoch"):
         assert key in records[-1], key
     assert records[-1]["mfu"] > 0 and records[-1]["img_per_s"] > 0
+    assert 0.05 < records[-1]["mem_gib"] < 64  # this process's peak resident set on a CPU
     ds = json.loads((tmp_path / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 4 and ds["zero_optimization"]["stage"] == 0
     assert "lr: 0.01" in (tmp_path / "config.yaml").read_text()
@@ -186,6 +187,19 @@ def test_checkpoints_keep_last_and_resume_in_process(tmp_path):
     assert summary["steps_this_run"] == 2 and summary["resumed_from"] == "step_00000006"
 
 
+def test_checkpoint_every_zero_never_writes_a_checkpoint(tmp_path):
+    engine, summary = fit_tiny(tmp_path / "a", checkpoint_every=0)
+    assert summary["steps"] == 6 and not (tmp_path / "a" / "checkpoints").exists()
+    engine = Engine(
+        deepspeed, Plain, cfg(tmp_path / "b", total_steps=10, max_nonfinite=2, checkpoint_every=0), OPTIM
+    )
+    with pytest.raises(UserError, match="no checkpoint saved"):
+        engine.fit(Indexed(range(20)), nan_at(set(range(1, 20))))
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        cfg(tmp_path, checkpoint_every=-1)
+
+
 def test_corrupt_or_missing_checkpoint_is_a_user_error(tmp_path):
     fit_tiny(tmp_path, total_steps=2, checkpoint_every=1)
     ckpt = tmp_path / "checkpoints"
@@ -216,6 +230,12 @@ def test_activation_checkpointing_switch(tmp_path):
     assert engine.module.checkpointing
     with pytest.raises(UserError, match="set_grad_checkpointing"):
         Engine(deepspeed, lambda: nn.Linear(8, 1), cfg(tmp_path, activation_checkpointing=True), OPTIM)
+
+
+def test_compile_needs_transformer_blocks(tmp_path):
+    # The compiled path itself (graphs, ZeRO-3 leaves, equal losses) runs in test_multiprocess.py.
+    with pytest.raises(UserError, match="no transformer blocks"):
+        Engine(deepspeed, Plain, cfg(tmp_path, compile=True), OPTIM)
 
 
 def test_resumable_loader_shards_and_resumes():

@@ -86,3 +86,20 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert sorted(map(int, reference["losses"])) == list(range(1, 13))
     for step in range(1, 13):
         assert resumed["losses"][str(step)] == reference["losses"][str(step)], step
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_zero2_and_zero3(tmp_path):
+    """engine.compile: one graph per block shape and no graph breaks, also under ZeRO-3 (whose
+    per-submodule hooks would split every compiled block unless blocks are ZeRO-3 leaves); the
+    losses equal eager ones and the state-dict keys (hence checkpoints) are unchanged."""
+    r0, r1 = results(tmp_path, "compile", torchrun("compile", tmp_path, timeout=400))
+    for zero in (2, 3):
+        eager, compiled = r0[f"z{zero}_eager"], r0[f"z{zero}_compiled"]
+        assert eager["graphs"] == 0 and compiled["graphs"] == 1, zero  # both vit_test blocks share a graph
+        assert compiled["graph_breaks"] == 0, zero
+        assert compiled["keys"] == eager["keys"]
+        assert compiled["steps"] == eager["steps"] == 3
+        for step in ("1", "2", "3"):
+            assert compiled["losses"][step] == pytest.approx(eager["losses"][step], rel=1e-4), (zero, step)
+        assert r1[f"z{zero}_compiled"]["graph_breaks"] == 0
