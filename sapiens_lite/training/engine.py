@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ from sapiens_lite.training.dist import (
     seed_everything,
     set_rng_state,
 )
-from sapiens_lite.training.monitor import RunLogger, mfu, peak_memory_gib, peak_tflops
+from sapiens_lite.training.monitor import RunLogger, mfu, peak_memory_gib, peak_tflops, plot_log
 from sapiens_lite.training.optim import describe_param_groups
 from sapiens_lite.training.optim import param_groups as default_param_groups
 from sapiens_lite.training.schedule import lr_at, scaled_lr
@@ -433,6 +434,7 @@ class Engine:
                 self._logger.advance()
         finally:
             self._logger.close()
+            self._plot_curves()  # also after an abort: the curve up to it is what one wants to see
         seconds = time.perf_counter() - t_start
         steps = self.step - start_step
         return {
@@ -467,6 +469,16 @@ class Engine:
         self._logger.log(self.step, values)
         return values
 
+    def _plot_curves(self) -> None:
+        """run_dir/loss.png from log.jsonl (rank 0); a missing matplotlib only costs the picture."""
+        log = self.run_dir / "log.jsonl"
+        if not self.is_main or not log.exists() or not log.read_text().strip():
+            return
+        try:
+            plot_log(log, self.run_dir / "loss.png")
+        except ImportError:
+            warnings.warn("matplotlib is not installed; no loss.png (pip install matplotlib)", stacklevel=2)
+
     # ---- checkpoints ----
 
     def save_checkpoint(self, tag: str | None = None) -> str:
@@ -490,6 +502,7 @@ class Engine:
         if self.is_main:
             ckpt.write_latest(self.ckpt_dir, tag)
             ckpt.prune(self.ckpt_dir, self.cfg.keep_last, keep=tag)
+            self._plot_curves()  # a long run's curve stays current between checkpoints
         barrier()
         self._last_saved_step = self.step
         return tag

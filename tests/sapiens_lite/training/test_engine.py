@@ -125,6 +125,7 @@ def test_logs_lr_schedule_and_written_files(tmp_path):
     assert ds["train_batch_size"] == 4 and ds["zero_optimization"]["stage"] == 0
     assert "lr: 0.01" in (tmp_path / "config.yaml").read_text()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written by fit at the end
     png = plot_log(tmp_path / "log.jsonl", tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
