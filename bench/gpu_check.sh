@@ -4,8 +4,12 @@
 #
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #
-# .whl/ holds py3.12 wheels of deepspeed, hjson, pydantic, pydantic-core, annotated-types,
-# typing-inspection, webdataset and braceexpand (see README "Benchmarks"); the rest is in the GPU image.
+# .whl/ (git-ignored: `echo /.whl/ >> .git/info/exclude`) holds the py3.12 wheels the GPU image lacks; the
+# rest (torch, timm, transformers, opencv, ...) is there. Build them here once (no registry over there):
+#   pip wheel --no-deps -w .whl deepspeed==0.19.8 hjson==3.1.0 webdataset==1.0.2 braceexpand==0.1.7
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 pydantic-core==2.50.5 \
+#     annotated-types==0.8.0 typing-inspection==0.4.5
 # Every part has its own time limit and log under $OUT, so one failure leaves the others' figures:
 #   1. mae.txt      ours vs transformers ViTMAEForPreTraining, sapiens_0.3b 1024x768 bf16 (mae_compile.txt:
 #                   the same with compiled rows)
