@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import os
 import statistics
@@ -148,14 +149,12 @@ def run_compare(args) -> None:
     ours, cfg = build_ours(args)
     flops_per_img = mae_train_flops(cfg)
     models = {"ours": ours, "transformers": build_reference(args, cfg)}
-    if args.compile:  # separate copies with the same weights, so eager and compiled rows share the run
-        models["ours+compile"], _ = build_ours(args)
-        models["ours+compile"].load_state_dict(ours.state_dict())
-        models["transformers+compile"] = build_reference(args, cfg)
-        models["transformers+compile"].load_state_dict(models["transformers"].state_dict())
+    # Separate copies with the same weights, so eager and compiled rows share the run.
+    if args.compile:
+        models["ours+compile"] = copy.deepcopy(ours)
+        models["transformers+compile"] = copy.deepcopy(models["transformers"])
     if args.compile_full:
-        models["ours+compile-full"], _ = build_ours(args)
-        models["ours+compile-full"].load_state_dict(ours.state_dict())
+        models["ours+compile-full"] = copy.deepcopy(ours)
     steps, results = {}, {}
     for name, model in models.items():
         is_ours = name.startswith("ours")

@@ -434,7 +434,8 @@ class Engine:
                 self._logger.advance()
         finally:
             self._logger.close()
-            self._plot_curves()  # also after an abort: the curve up to it is what one wants to see
+            if self._last_saved_step != self.step:  # a checkpoint at this step has drawn it already
+                self._plot_curves()  # also after an abort: the curve up to it is what one wants to see
         seconds = time.perf_counter() - t_start
         steps = self.step - start_step
         return {
@@ -472,7 +473,7 @@ class Engine:
     def _plot_curves(self) -> None:
         """run_dir/loss.png from log.jsonl (rank 0); a missing matplotlib only costs the picture."""
         log = self.run_dir / "log.jsonl"
-        if not self.is_main or not log.exists() or not log.read_text().strip():
+        if not self.is_main or not log.exists() or log.stat().st_size == 0:
             return
         try:
             plot_log(log, self.run_dir / "loss.png")

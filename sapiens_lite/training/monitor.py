@@ -61,13 +61,12 @@ def peak_tflops(device: torch.device, precision: str, configured: float | None =
     return best, f"measured {dtype} matmul (best of 3)"
 
 
-def peak_memory_gib(device: torch.device, reset: bool = True) -> float:
-    """Peak memory since the last reset, GiB: CUDA tensors' allocation on `device` (then reset, so each
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory since the last call, GiB: CUDA tensors' allocation on `device` (then reset, so each
     log window shows its own peak); on a CPU the process's peak resident set since start (it cannot be reset)."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)
         return peak / 2**30
     import resource
 

@@ -191,6 +191,7 @@ def test_checkpoints_keep_last_and_resume_in_process(tmp_path):
 def test_checkpoint_every_zero_never_writes_a_checkpoint(tmp_path):
     engine, summary = fit_tiny(tmp_path / "a", checkpoint_every=0)
     assert summary["steps"] == 6 and not (tmp_path / "a" / "checkpoints").exists()
+    assert (tmp_path / "a" / "loss.png").exists()  # drawn at the end of fit when no checkpoint drew it
     engine = Engine(
         deepspeed, Plain, cfg(tmp_path / "b", total_steps=10, max_nonfinite=2, checkpoint_every=0), OPTIM
     )
