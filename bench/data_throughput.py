@@ -89,11 +89,10 @@ def timed(fn, seconds: float) -> float:
 
 
 def ours_pass(wds, index: str, size, batch: int, epoch: list[int]):
-    from sapiens_lite.data.stream import build_stream
-    from sapiens_lite.data.transforms import MAEDecode, MAETransformConfig
+    from sapiens_train.stream import build_stream
+    from sapiens_train.transforms import MAEDecode, MAETransformConfig
 
     loader = build_stream(
-        wds,
         index,
         decode=MAEDecode(MAETransformConfig(size=size)),
         batch_size=batch,
@@ -158,7 +157,7 @@ def decoder_candidates(size):
 
     cv2.setNumThreads(1)
 
-    from sapiens_lite.data.transforms import (
+    from sapiens_train.transforms import (
         IMAGENET_MEAN,
         IMAGENET_STD,
         MAETransform,
@@ -236,7 +235,7 @@ def main(argv=None) -> int:
 
     import webdataset as wds
 
-    from pretrain.shards import PackOptions, collect_folder, pack
+    from sapiens_train.shards import PackOptions, collect_folder, pack
 
     torch.set_num_threads(1)  # what one DataLoader worker gets
     src_hw = tuple(int(v) for v in args.source_size.lower().split("x"))

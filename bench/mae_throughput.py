@@ -12,7 +12,7 @@ against a matmul peak measured in the same run (bench/_peak.py).
     bash bench/gpu_check.sh                                           # all GPU figures in one go (device tool)
 
 `--compile` adds compiled rows in the same run: ours the way `engine.compile` trains it (each block's
-forward compiled, `sapiens_lite.training.engine.compile_blocks`), transformers with `torch.compile(model)`;
+forward compiled, `sapiens_train.engine.compile_blocks`), transformers with `torch.compile(model)`;
 `--compile-full` adds ours with `torch.compile(model)`, to see what compiling beyond the blocks would add.
 
 MFU counts model FLOPs (`pretrain.mae.mae_train_flops`: encoder on the 25% visible tokens, decoder on
@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._peak import measure_matmul_peak, mfu  # noqa: E402
 from pretrain.mae import MaskedAutoencoder, mae_config, mae_train_flops  # noqa: E402
-from sapiens_lite.training.engine import compile_blocks  # noqa: E402
-from sapiens_lite.training.monitor import peak_memory_gib  # noqa: E402
+from sapiens_train.engine import compile_blocks  # noqa: E402
+from sapiens_train.monitor import peak_memory_gib  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

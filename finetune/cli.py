@@ -17,16 +17,23 @@ def add_finetune_command(sub) -> None:
         description="Fine-tune a pose model. Settings: defaults < --config files (in order) < section.key=value.",
     )
     add_config_arguments(p)
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has a checkpoint")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate config and data; print the resolved config, DeepSpeed config, AdamW groups and data plan",
+    )
     p.set_defaults(func=run_finetune)
 
 
 def run_finetune(args) -> int:
     from finetune.config import FinetuneConfig
-    from finetune.train import train
+    from finetune.train import main
     from sapiens_lite.config import load_config
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    metrics = train(cfg)
+    summary = main(cfg, resume=not args.no_resume, dry_run=args.dry_run)
+    metrics = summary.get("metrics") or {}
     if metrics:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     return 0
@@ -65,9 +72,9 @@ def run_eval(args) -> int:
 
     from finetune.config import FinetuneConfig
     from finetune.evaluate import evaluate_model
-    from finetune.train import load_pose_checkpoint
     from sapiens_lite.config import load_config
     from sapiens_lite.errors import UserError
+    from sapiens_lite.loading import load_pose_model
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     ev = cfg.eval
@@ -82,10 +89,10 @@ def run_eval(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # With a config the checkpoint must match its keypoint scheme; without one the checkpoint decides.
     expected = cfg.model.scheme if args.config else None
-    model = load_pose_checkpoint(
+    model = load_pose_model(
         args.checkpoint,
         expected_scheme=expected,
-        model_cfg=cfg.model if args.config else None,
+        config=cfg.model if args.config and _is_foreign_file(args.checkpoint) else None,
         revision=cfg.init.revision,
     )
     ckpt = Path(args.checkpoint)
@@ -95,3 +102,10 @@ def run_eval(args) -> int:
     )
     print(json.dumps(metrics, indent=1))
     return 0
+
+
+def _is_foreign_file(path: str) -> bool:
+    """A checkpoint file (e.g. a Sapiens .pth) holds no config: the --config's model describes it."""
+    from sapiens_lite.loading import locate
+
+    return locate(path)[0] == "file"

@@ -14,13 +14,14 @@ x0.1 at 170/210 and 200/210 of training, gradient clipping 1.0, heatmap sigma 6 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
 
 from finetune.data import AugmentConfig
 from finetune.losses import LossConfig
+from sapiens_lite.errors import UserError
 from sapiens_lite.models.pose import PoseConfig
-from sapiens_lite.training.config import EngineConfig, OptimConfig
+from sapiens_train.config import EngineConfig, OptimConfig
 
 
 @dataclass
@@ -49,19 +50,21 @@ class DataConfig:
 
 @dataclass
 class InitConfig:
-    """The starting weights. `path` may be:
+    """The starting weights: anything `sapiens_lite.loading` reads (see `locate`). `path` may be:
 
-    - a pretraining run dir (its exported `backbone/` folder is used) or an exported backbone folder
-      (config.json with model_type "vit"): backbone only, head randomly initialised;
-    - a pose checkpoint folder or Hub repo id (model_type "pose"): backbone and head;
-    - a Sapiens pretrain or pose `.pth`: converted with `sapiens_lite.convert`; the cls token is
-      dropped and the 64x64 position grid resampled to the model's grid (64x48 at 1024x768).
+    - a pretraining run dir (its exported `backbone/`) or a backbone folder / Hub repo (model_type "vit"):
+      backbone only, head randomly initialised;
+    - a pose model folder / Hub repo or a fine-tuning run dir (its `final/`): backbone and head;
+    - a Sapiens pretrain or pose `.pth` (or another format `sapiens convert` reads): converted; the cls
+      token is dropped and the 64x64 position grid resampled to the model's grid (64x48 at 1024x768).
     Empty: random initialisation (tests, smoke runs).
+
+    A checkpoint of ours brings its backbone's shape: `model.backbone` takes the checkpoint's arch
+    (width, depth, heads, patch size, MLP) unless the config sets those fields; set to other values
+    they are an error (`FinetuneConfig.finalize`).
     """
 
     path: str = ""
-    kind: Literal["auto", "run_dir", "backbone", "pose", "pth"] = "auto"
-    """auto: a .pth/.pt/.bin file -> pth; a folder -> by its config.json (or backbone/ sub-folder); else a Hub id."""
     revision: str | None = None
     """Hub revision (branch, tag, commit) when `path` is a repo id."""
     load_head: bool = True
@@ -126,3 +129,63 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=_pose_optim)
     init: InitConfig = field(default_factory=InitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def finalize(self, explicit: frozenset[str]) -> FinetuneConfig:
+        """The backbone's shape comes from the init checkpoint (see `InitConfig`), unless the config sets it."""
+        if not self.init.path:
+            return self
+        model = with_backbone_of(self.model, self.init.path, self.init.revision, explicit, "model")
+        return self if model is self.model else dataclasses.replace(self, model=model)
+
+
+# Backbone fields that a checkpoint dictates: its weights have these shapes. Not inherited: the input grid
+# (resampled), the cls token (dropped for pose), patch padding and drop path (choices of the fine-tuning).
+SHAPE_FIELDS = (
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "patch_size",
+    "in_chans",
+    "mlp_ratio",
+    "qkv_bias",
+    "final_norm",
+)
+
+
+def with_backbone_of(model: PoseConfig, path: str, revision: str | None, explicit, prefix: str) -> PoseConfig:
+    """`model` whose backbone has the arch of the checkpoint at `path` (a folder, run dir or Hub repo of ours).
+
+    A field the user set (`<prefix>.backbone.<field>` in `explicit`, or `arch`, which implies the sizes) must
+    agree with the checkpoint; a field left at its default takes the checkpoint's value. Foreign checkpoints
+    (.pth, transformers folders) are converted later, into the configured shape, and change nothing here.
+    """
+    from sapiens_lite.loading import backbone_config
+
+    try:
+        src = backbone_config(path, revision=revision)
+    except UserError:
+        return model  # the trainer's validation reports an unreadable init.path, with its own message
+    if src is None:
+        return model
+    src = src.resolved()
+    ours = model.backbone.resolved()
+    key = f"{prefix}.backbone"
+    set_by_user = {f for f in ("arch", *SHAPE_FIELDS) if f"{key}.{f}" in explicit}
+    if set_by_user:
+        conflicts = [
+            f"{f}={getattr(ours, f)} (checkpoint {getattr(src, f)})"
+            for f in SHAPE_FIELDS
+            if getattr(ours, f) != getattr(src, f) and (f in set_by_user or "arch" in set_by_user)
+        ]
+        if conflicts:
+            raise ValueError(
+                f"{key} ({ours.arch}) does not fit init.path {path} ({src.arch}): {', '.join(conflicts)}; "
+                f"leave {key} unset to take the checkpoint's arch, or start from another checkpoint"
+            )
+    sizes = {f: getattr(src, f) for f in SHAPE_FIELDS if f not in set_by_user}
+    if "arch" not in set_by_user:
+        sizes["arch"] = src.arch
+    backbone = dataclasses.replace(model.backbone, **sizes)
+    if backbone == model.backbone:
+        return model
+    return dataclasses.replace(model, backbone=backbone)

@@ -18,7 +18,7 @@ Reproducibility: the augmentation of item i in epoch e draws from numpy's genera
 (seed, e, i), so a resumed run or any number of DataLoader workers produce the same crops. Call
 `set_epoch(e)` before each epoch's DataLoader is created (workers copy the dataset when they start).
 
-Webdataset shards (sapiens_lite.data.stream) hold KEY.jpg + KEY.json ({"annotations": [...]});
+Webdataset shards (sapiens_train.stream) hold KEY.jpg + KEY.json ({"annotations": [...]});
 `StreamDecoder` turns such a sample into the same item (one person per sample, chosen by the
 sample's seed when the image has several).
 
@@ -26,7 +26,7 @@ Bad input: a keypoint count that does not match the scheme is an error (UserErro
 degenerate boxes (w or h <= 0, NaN: "no_area"), people without labelled keypoints (training only:
 "no_keypoints"), crowd annotations and people whose image file is missing ("missing_image") are
 skipped, logged once with their counts, and counted in `dataset.skipped` (reason -> count; the COCO
-reader's reasons, sapiens_lite.data.coco, are merged in). An image that exists but cannot be decoded
+reader's reasons, sapiens_train.coco, are merged in). An image that exists but cannot be decoded
 raises UserError naming it when its item is loaded.
 """
 
@@ -45,9 +45,9 @@ import torch
 
 from sapiens_lite import topdown
 from sapiens_lite.codec import encode_heatmaps
-from sapiens_lite.data.coco import _raw_keypoints, load_coco_keypoints
 from sapiens_lite.errors import UserError
 from sapiens_lite.keypoints import KeypointScheme, get_scheme
+from sapiens_train.coco import _raw_keypoints, load_coco_keypoints
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ class TopDownDataset(torch.utils.data.Dataset):
 
 @dataclass
 class StreamDecoder:
-    """`decode` for `sapiens_lite.data.stream.build_stream`: a KEY.jpg + KEY.json sample -> one item.
+    """`decode` for `sapiens_train.stream.build_stream`: a KEY.jpg + KEY.json sample -> one item.
 
     The JSON holds {"annotations": [{"bbox": [x, y, w, h], "keypoints": [...], "id": ...}, ...]}
     (COCO fields; "image_id" optional). One usable person is taken per sample, chosen by the
@@ -509,12 +509,12 @@ class StreamDecoder:
         return make_item(img, person, self.spec, self.augment, rng, self.encode_targets)
 
 
-def build_pose_stream(wds, cfg, *, image_key: str = "jpg", encode_targets: bool = True, **kwargs):
+def build_pose_stream(cfg, *, image_key: str = "jpg", encode_targets: bool = True, **kwargs):
     """The webdataset stream of `cfg.data.train_shards` for a `FinetuneConfig` (wds injected).
 
-    Extra keywords go to `sapiens_lite.data.stream.build_stream` (rank, world_size, mode, ...).
+    Extra keywords go to `sapiens_train.stream.build_stream` (rank, world_size, mode, ...).
     """
-    from sapiens_lite.data.stream import build_stream
+    from sapiens_train.stream import build_stream
 
     m = cfg.model
     spec = TargetSpec(get_scheme(m.scheme), tuple(m.input_size), m.sigma, tuple(m.mean), tuple(m.std))
@@ -522,7 +522,6 @@ def build_pose_stream(wds, cfg, *, image_key: str = "jpg", encode_targets: bool 
         spec, train=True, augment=cfg.data.augment, image_key=image_key, encode_targets=encode_targets
     )
     return build_stream(
-        wds,
         cfg.data.train_shards,
         decode=decode,
         batch_size=cfg.engine.micro_batch_size,

@@ -21,14 +21,25 @@ def add_pretrain_command(subparsers) -> None:
     )
     add_config_arguments(p)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has a checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="validate config and data, print the config, exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate config and data; print the resolved config, DeepSpeed config, AdamW groups and data plan",
+    )
     p.set_defaults(func=_run_pretrain)
 
 
 def _run_pretrain(args) -> int:
+    from pretrain.config import PretrainConfig
     from pretrain.train import main
+    from sapiens_lite.config import load_config
 
-    return main(args.config, args.overrides, resume=not args.no_resume, dry_run=args.dry_run)
+    main(
+        load_config(PretrainConfig, args.config, args.overrides),
+        resume=not args.no_resume,
+        dry_run=args.dry_run,
+    )
+    return 0
 
 
 def add_export_backbone_command(subparsers) -> None:

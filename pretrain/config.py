@@ -5,7 +5,8 @@
 Sections: model (the MAE), data (shards and augmentation), engine and optim (the shared training
 engine; MAE optimizer defaults: blr 1.5e-4 per 256 samples, betas (0.9, 0.95), weight decay 0.05,
 cosine after a linear warmup), viz (reconstruction pictures) and init (a checkpoint to start from).
-`data.img_size` is the one place the training resolution is set: `model.encoder.img_size` follows it.
+`data.img_size` is the one place the training resolution is set: `model.encoder.img_size` follows it
+(setting both to different sizes is an error).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from pretrain.mae import MAEConfig
-from sapiens_lite.training.config import EngineConfig, OptimConfig
+from sapiens_train.config import EngineConfig, OptimConfig
 
 
 @dataclass
@@ -83,11 +84,21 @@ class PretrainConfig:
     init: InitConfig = field(default_factory=InitConfig)
 
     def __post_init__(self):
-        if tuple(self.model.encoder.img_size) != self.data.img_size:
-            # data.img_size is the one place the resolution is set; the encoder (its sin-cos grid) follows.
-            encoder = dataclasses.replace(self.model.encoder, img_size=self.data.img_size)
-            self.model = dataclasses.replace(self.model, encoder=encoder)
         if self.optim.warmup_steps >= self.engine.total_steps:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must be < engine.total_steps ({self.engine.total_steps})"
             )
+
+    def finalize(self, explicit: frozenset[str]) -> PretrainConfig:
+        """`model.encoder.img_size` follows `data.img_size` (the encoder's sin-cos grid is made for the crops);
+        a config that sets both to different sizes is an error."""
+        enc = self.model.encoder
+        if tuple(enc.img_size) == self.data.img_size:
+            return self
+        if "model.encoder.img_size" in explicit:
+            raise ValueError(
+                f"model.encoder.img_size {list(enc.img_size)} differs from data.img_size {list(self.data.img_size)}; "
+                "set data.img_size only (the encoder follows it)"
+            )
+        encoder = dataclasses.replace(enc, img_size=self.data.img_size)
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, encoder=encoder))

@@ -23,6 +23,7 @@ from pretrain.config import PretrainConfig
 from sapiens_lite.config import load_config
 from sapiens_lite.errors import UserError
 from sapiens_lite.models.vit import VisionTransformer
+from sapiens_train.checkpoint import consolidate_fp32
 
 
 def encoder_state_dict(full: dict[str, torch.Tensor], *, drop_cls_token: bool) -> dict[str, torch.Tensor]:
@@ -43,7 +44,6 @@ def export_backbone(
     tag: str | None = None,
     drop_cls_token: bool = False,
     pos_embed: str = "learned",
-    deepspeed=None,
 ) -> VisionTransformer:
     """Consolidate run_dir's checkpoint (latest or `tag`) and write the encoder to `out`; returns it."""
     run_dir = Path(run_dir)
@@ -51,14 +51,7 @@ def export_backbone(
     if not config_file.is_file():
         raise UserError(f"{run_dir}: no config.yaml (not a `sapiens pretrain` run directory)")
     cfg = load_config(PretrainConfig, [config_file])
-    if deepspeed is None:
-        from sapiens_lite.training.dist import set_ds_accelerator_env
-
-        set_ds_accelerator_env()
-        import deepspeed
-    from sapiens_lite.training.checkpoint import consolidate_fp32
-
-    full = consolidate_fp32(deepspeed, run_dir, tag)
+    full = consolidate_fp32(run_dir, tag)
     if "encoder.pos_embed" not in full and cfg.model.encoder.pos_embed == "sincos":
         # ZeRO-1/2 checkpoints hold only trainable parameters; the fixed sin-cos table is not one of them.
         # It is a function of the grid alone, so the model built from the run's config recreates it exactly.

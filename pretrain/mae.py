@@ -51,8 +51,6 @@ class MAEConfig:
     """Regress each patch normalised by its own mean/std (MAE's better-representation setting)."""
 
     def __post_init__(self):
-        if isinstance(self.encoder, dict):  # a nested dict straight from YAML / config.json
-            self.encoder = ViTConfig(**self.encoder)
         if not self.encoder.cls_token:
             raise ValueError("encoder.cls_token must be true for MAE (the decoder input starts with it)")
         if self.encoder.pos_embed != "sincos":

@@ -4,10 +4,10 @@
     torchrun --nproc_per_node 8 $(which sapiens) pretrain --config configs/pretrain/sapiens_0.3b.yaml
     deepspeed --hostfile hosts $(which sapiens) pretrain --config configs/pretrain/sapiens_1b.yaml
 
-Order of work: load the config (unknown keys are errors), validate everything a user can get wrong
-(data sources, the init checkpoint, batch sizes) before any process group or model exists, then
-build the MAE (optionally started from a checkpoint), the engine (DeepSpeed, resume), the data
-stream, and train. Every `viz.every` steps a PNG of original / masked / reconstruction is written to
+The trainer shape of `sapiens_train.recipe`: config -> `validate` (data sources, the init checkpoint,
+batch sizes: every user mistake before any process group or model exists) -> `build_model` (the MAE,
+optionally started from a checkpoint) -> the engine (DeepSpeed, resume) -> `build_data` -> hooks ->
+`Engine.fit` -> `finish` (the encoder exported as run_dir/backbone). Every `viz.every` steps a PNG of original / masked / reconstruction is written to
 run_dir/viz/. The engine logs loss, lr, img/s and MFU (model FLOPs from `mae_forward_flops`: the
 encoder on the visible 25% of the tokens, the decoder on all of them).
 """
@@ -23,17 +23,15 @@ import torch
 
 from pretrain.config import PretrainConfig
 from pretrain.mae import MaskedAutoencoder, load_pretrained, mae_forward_flops
-from sapiens_lite.config import load_config
 from sapiens_lite.errors import ConfigError, UserError
+from sapiens_train.engine import Engine, EveryN, global_batch_size
+from sapiens_train.recipe import epochs_line, print_plan, world_size_from_env
+from sapiens_train.stream import resolve_shards
 
 VIZ_DIR = "viz"
 
 
 # ---- validation: before any work ----
-
-
-def _world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def data_urls(cfg: PretrainConfig):
@@ -52,24 +50,18 @@ def data_urls(cfg: PretrainConfig):
     )
 
 
-def validate(cfg: PretrainConfig, wds=None) -> dict:
+def validate(cfg: PretrainConfig) -> dict:
     """Check what a user can get wrong, before any process group, model or worker exists.
 
     Returns what it had to load anyway: {"shards": [...] or None, "init": state dict or None}.
     """
-    from sapiens_lite.training.engine import global_batch_size
-
-    world = _world_size_from_env()
+    world = world_size_from_env()
     gbs = global_batch_size(cfg.engine, world)  # UserError naming the three factors
     out: dict[str, Any] = {"shards": None, "init": None, "global_batch_size": gbs}
 
     urls = data_urls(cfg)
     if urls is not None:
-        if wds is None:
-            import webdataset as wds
-        from sapiens_lite.data.stream import resolve_shards
-
-        shards = resolve_shards(wds, urls)  # UserError: missing file, empty list, no samples
+        shards = resolve_shards(urls)  # UserError: missing file, empty list, no samples
         n = sum(s.num_samples for s in shards)
         if n < cfg.engine.micro_batch_size * world:
             raise UserError(
@@ -129,7 +121,7 @@ def build_model(cfg: PretrainConfig, init_state: dict | None = None) -> MaskedAu
 
 
 def _transform(cfg: PretrainConfig):
-    from sapiens_lite.data.transforms import MAETransform, MAETransformConfig
+    from sapiens_train.transforms import MAETransform, MAETransformConfig
 
     return MAETransform(
         MAETransformConfig(
@@ -139,7 +131,7 @@ def _transform(cfg: PretrainConfig):
 
 
 class SyntheticImages(torch.utils.data.Dataset):
-    """`n` procedurally drawn people (sapiens_lite.data.synth), encoded once, augmented per access.
+    """`n` procedurally drawn people (sapiens_train.synth), encoded once, augmented per access.
 
     For demos and smoke tests without packed shards. Augmentation seeds come from torch's RNG,
     which the engine seeds per rank, so runs are reproducible.
@@ -148,7 +140,7 @@ class SyntheticImages(torch.utils.data.Dataset):
     def __init__(self, n: int, img_size: tuple[int, int], transform, seed: int = 0):
         import cv2
 
-        from sapiens_lite.data.synth import render_sample
+        from sapiens_train.synth import render_sample
 
         h, w = img_size
         render = (max(h, 128), max(w, 96))  # draw at least 128x96, crop/resize down to img_size
@@ -168,10 +160,10 @@ class SyntheticImages(torch.utils.data.Dataset):
         return self.transform(self.images[i], seed)  # [3, H, W]
 
 
-def build_data(cfg: PretrainConfig, engine, wds, shards):
+def build_data(cfg: PretrainConfig, engine, shards):
     """This rank's micro-batches [B, 3, H, W] (normalised), resumable through the engine."""
     if shards is None:
-        from sapiens_lite.training.data import ResumableLoader
+        from sapiens_train.loader import ResumableLoader
 
         dataset = SyntheticImages(
             cfg.data.synthetic, cfg.data.img_size, _transform(cfg), seed=cfg.engine.seed
@@ -185,11 +177,10 @@ def build_data(cfg: PretrainConfig, engine, wds, shards):
             seed=cfg.engine.seed,
             num_workers=cfg.data.num_workers,
         )
-    from sapiens_lite.data.stream import build_stream
-    from sapiens_lite.data.transforms import MAEDecode
+    from sapiens_train.stream import build_stream
+    from sapiens_train.transforms import MAEDecode
 
     return build_stream(
-        wds,
         data_urls(cfg),
         decode=MAEDecode(_transform(cfg)),
         batch_size=cfg.engine.micro_batch_size,
@@ -234,7 +225,7 @@ def reconstruction_grid(model: MaskedAutoencoder, imgs: torch.Tensor, pred, mask
 
 def save_reconstructions(cfg: PretrainConfig):
     """A hook writing run_dir/viz/step_XXXXXXXX.png; every rank runs the forward (ZeRO-3 gathers weights)."""
-    from sapiens_lite.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from sapiens_train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     def hook(engine, step: int, batch, metrics) -> None:
         imgs = batch[: cfg.viz.num_images]
@@ -261,20 +252,40 @@ def save_reconstructions(cfg: PretrainConfig):
 # ---- the command ----
 
 
-def fit(cfg: PretrainConfig, *, resume: bool = True):
-    """Validate, build, train; returns (engine, summary) (summary: steps, final_loss, img_per_s, ...)."""
-    import webdataset as wds
+def describe_data(cfg: PretrainConfig, checked: dict) -> str:
+    """The data plan `--dry-run` prints: where the images come from and how many epochs the run makes."""
+    gbs = global_batch_size(cfg.engine, world_size_from_env())
+    if checked["shards"] is None:
+        source = f"data.synthetic: {cfg.data.synthetic} procedurally drawn people"
+        n = cfg.data.synthetic
+    else:
+        shards = checked["shards"]
+        n = sum(s.num_samples for s in shards)
+        source = f"{len(shards)} shards ({shards[0].url} ...)"
+    crop = f"random resized crops {cfg.data.img_size[0]}x{cfg.data.img_size[1]}, scale {cfg.data.crop_scale}"
+    return f"{source}; {crop}; {cfg.data.num_workers} loader workers\n" + epochs_line(
+        n, gbs, cfg.engine.total_steps
+    )
 
-    from sapiens_lite.training.dist import set_ds_accelerator_env
 
-    checked = validate(cfg, wds)  # every user error surfaces here, before any work
-    set_ds_accelerator_env()
-    import deepspeed
+def main(cfg: PretrainConfig, *, resume: bool = True, dry_run: bool = False) -> dict:
+    """`sapiens pretrain`: validate, then print the plan (`dry_run`) or train; returns the summary."""
+    checked = validate(cfg)  # every user error surfaces here, before any work
+    if dry_run:
+        return print_plan(
+            cfg,
+            architecture=lambda: MaskedAutoencoder(cfg.model),
+            param_groups=None,
+            data_plan=describe_data(cfg, checked),
+        )
+    _, summary = train(cfg, checked, resume=resume)
+    return summary
 
-    from sapiens_lite.training.engine import Engine, EveryN
 
+def train(cfg: PretrainConfig, checked: dict | None = None, *, resume: bool = True) -> tuple[Engine, dict]:
+    """Build, train and export; returns (engine, summary) (summary: steps, final_loss, img_per_s, ...)."""
+    checked = checked if checked is not None else validate(cfg)
     engine = Engine(
-        deepspeed,
         lambda: build_model(cfg, checked["init"]),
         cfg.engine,
         cfg.optim,
@@ -283,18 +294,25 @@ def fit(cfg: PretrainConfig, *, resume: bool = True):
     )
     if resume:
         engine.resume()
-    data = build_data(cfg, engine, wds, checked["shards"])
+    data = build_data(cfg, engine, checked["shards"])
     hooks = [EveryN(cfg.viz.every, save_reconstructions(cfg))] if cfg.viz.every > 0 else []
     summary = engine.fit(data, step_fn, hooks=hooks)
-    # The finished run also holds its encoder as a backbone folder (what `sapiens export-backbone` writes),
-    # so `sapiens finetune init.path=<this run dir>` starts from it directly. The final checkpoint is on
-    # disk for every rank once fit returns; rank 0 consolidates it, the others wait.
+    finish(cfg, engine, summary)
+    return engine, summary
+
+
+def finish(cfg: PretrainConfig, engine: Engine, summary: dict) -> None:
+    """The finished run also holds its encoder as a backbone folder (what `sapiens export-backbone` writes),
+    so `sapiens finetune init.path=<this run dir>` starts from it directly. The final checkpoint is on disk
+    for every rank once fit returns; rank 0 consolidates it, the others wait."""
+    from sapiens_train.dist import barrier
+
     backbone_dir = Path(cfg.engine.run_dir) / "backbone"
     if engine.is_main:
         if cfg.engine.checkpoint_every:
             from pretrain.export import export_backbone
 
-            export_backbone(cfg.engine.run_dir, backbone_dir, deepspeed=deepspeed)
+            export_backbone(cfg.engine.run_dir, backbone_dir)
             saved = f"checkpoints in {engine.ckpt_dir}; backbone in {backbone_dir}"
         else:
             saved = "nothing saved (engine.checkpoint_every=0)"
@@ -303,23 +321,4 @@ def fit(cfg: PretrainConfig, *, resume: bool = True):
             f"{summary['img_per_s'] or 0:.1f} img/s; {saved}",
             flush=True,
         )
-    if engine.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return engine, summary
-
-
-def main(config_files: list[str], overrides: list[str], *, resume: bool = True, dry_run: bool = False) -> int:
-    cfg = load_config(PretrainConfig, config_files, overrides)
-    if dry_run:
-        validate(cfg)
-        import yaml
-
-        from sapiens_lite.config import config_to_dict
-
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-        print("# config and data are valid", flush=True)
-        return 0
-    fit(cfg, resume=resume)
-    return 0
+    barrier()

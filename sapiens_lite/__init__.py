@@ -1,8 +1,21 @@
-"""sapiens_lite: the torch-level core of the sapiens toolkit.
+"""sapiens_lite: run human-centric ViT models.
 
-Models (ViT backbones, pose models), checkpoint I/O (safetensors, the Hub, foreign checkpoints),
-keypoint schemes, the heatmap codec and inference. It never imports the training packages
-(`pretrain`, `finetune`) nor their heavy dependencies (DeepSpeed, webdataset, pycocotools).
+Models (ViT backbones, pose models and their heads), checkpoint I/O (safetensors, the Hub, foreign
+checkpoints), keypoint schemes, the heatmap codec, top-down geometry, prediction and drawing. It never
+imports the training packages (`sapiens_train`, `pretrain`, `finetune`) nor their heavy dependencies
+(DeepSpeed, webdataset, pycocotools), so `pip install sapiens-toolkit` alone predicts and converts.
+
+    from sapiens_lite import load_model
+    model = load_model("org/repo-or-folder-or-file.pth")   # the class its config.json names
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `load_model` without importing torch and the models when only `sapiens_lite.__version__` is wanted.
+    if name == "load_model":
+        from sapiens_lite.loading import load_model
+
+        return load_model
+    raise AttributeError(f"module 'sapiens_lite' has no attribute {name!r}")

@@ -119,30 +119,79 @@ def _coerce(value: Any, tp, key: str) -> Any:
 
 
 def _build(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build dataclass `cls` from the defaults updated with the (nested) dict `data`."""
-    return _update(cls(), data, prefix)
+    """Build dataclass `cls` from its defaults updated with the (nested, possibly partial) dict `data`.
 
-
-def _update(obj: T, data: dict, prefix: str = "") -> T:
-    cls = type(obj)
+    Unknown keys and wrong types are errors naming the dotted key. Every dataclass is constructed once,
+    from its final values, so `__post_init__` checks see the merged config, never a half-applied layer.
+    """
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    changes = {}
+    kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in fields:
             raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(fields))}")
         tp = hints[k]
         if _is_dataclass_type(tp) and isinstance(v, dict):
-            changes[k] = _update(getattr(obj, k), v, key)
+            # Nested sections start from the parent's default for them (a default_factory may differ
+            # from the section class's own defaults), then take the given keys.
+            default = _field_default(fields[k])
+            base = config_to_dict(default) if default is not None else {}
+            kwargs[k] = _build(tp, _merge(base, v), key)
         else:
-            changes[k] = _coerce(v, tp, key)
+            kwargs[k] = _coerce(v, tp, key)
     try:
-        return dataclasses.replace(obj, **changes)
+        return cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:  # __post_init__ checks
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """`base` with `update` applied recursively (sections merge, values replace); neither is modified."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _check_keys(cls: type, data: dict, prefix: str = "") -> None:
+    """Unknown keys and wrong types in one layer (a YAML file or the overrides), so the error can name it."""
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(fields))}")
+        tp = hints[k]
+        if _is_dataclass_type(tp) and isinstance(v, dict):
+            _check_keys(tp, v, key)
+        else:
+            _coerce(v, tp, key)
+
+
+def _dotted_keys(data: dict, prefix: str = "") -> set[str]:
+    """The leaf keys of a nested dict, dotted (`{"a": {"b": 1}}` -> {"a.b"})."""
+    out: set[str] = set()
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out |= _dotted_keys(v, key)
+        else:
+            out.add(key)
+    return out
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -191,17 +240,35 @@ def read_yaml(path: str | os.PathLike) -> dict:
 def load_config(
     cls: type[T], files: typing.Sequence[str | os.PathLike] = (), overrides: typing.Sequence[str] = ()
 ) -> T:
-    """Defaults of `cls`, updated by each YAML file in order, then by `a.b=value` overrides."""
-    cfg = cls()
+    """Defaults of `cls`, updated by each YAML file in order, then by `a.b=value` overrides.
+
+    The layers are merged first and the config is built once from the result, so checks that involve
+    several fields run on the final values. A top-level class may define `finalize(self, explicit)`:
+    cross-section derivations and checks, given the dotted keys the files and overrides set (a value the
+    user set is checked against what another section implies; a value left unset is derived). It runs
+    once, after the merge.
+    """
+    merged: dict = {}
     for f in files:
+        layer = read_yaml(f)
         try:
-            cfg = _update(cfg, read_yaml(f))
+            _check_keys(cls, layer)
         except ConfigError as e:
-            if str(e).startswith(str(f)):
-                raise
             raise ConfigError(f"{f}: {e}") from None
+        merged = _merge(merged, layer)
     if overrides:
-        cfg = _update(cfg, parse_overrides(overrides))
+        layer = parse_overrides(overrides)
+        _check_keys(cls, layer)
+        merged = _merge(merged, layer)
+    cfg = _build(cls, merged)
+    finalize = getattr(cfg, "finalize", None)
+    if callable(finalize):
+        try:
+            cfg = finalize(frozenset(_dotted_keys(merged)))
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -288,7 +288,7 @@ def test_augment_config_validation():
 
 
 def test_pose_stream_from_webdataset_shards(tmp_path):
-    """build_pose_stream: shards of KEY.png + KEY.json through sapiens_lite.data.stream give the same items."""
+    """build_pose_stream: shards of KEY.png + KEY.json through sapiens_train.stream give the same items."""
     wds = pytest.importorskip("webdataset")
     from types import SimpleNamespace
 
@@ -315,7 +315,7 @@ def test_pose_stream_from_webdataset_shards(tmp_path):
         data=SimpleNamespace(train_shards=str(shard), augment=NO_AUG, num_workers=0),
         engine=SimpleNamespace(micro_batch_size=2, seed=0),
     )
-    loader = build_pose_stream(wds, cfg, rank=0, world_size=1, image_key="png")
+    loader = build_pose_stream(cfg, rank=0, world_size=1, image_key="png")
     batches = list(loader)
     assert len(batches) == 2 and batches[0]["img"].shape == (2, 3, 64, 48)
     ref = TopDownDataset([person], _spec(), train=False)[0]

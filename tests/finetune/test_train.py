@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.config import FinetuneConfig, InitConfig
-from finetune.train import init_model, load_pose_checkpoint, resolve_init
+from finetune.config import FinetuneConfig
 from sapiens_lite.config import load_config
 from sapiens_lite.convert.sapiens import BACKBONE_KEYS, HEAD_KEYS
 from sapiens_lite.errors import ConfigError, UserError
+from sapiens_lite.loading import init_from, load_pose_model, locate
 from sapiens_lite.models.pose import HeadConfig, PoseConfig, PoseModel, build_pose_model
 from sapiens_lite.models.vit import VisionTransformer, ViTConfig
 
@@ -77,13 +77,10 @@ def test_init_from_sapiens_pretrain_pth_drops_cls_and_resamples_grid(tmp_path):
     # A Sapiens-style pretraining encoder: cls token, square grid (4x4 here standing in for 64x64).
     vit = VisionTransformer(ViTConfig("vit_test", img_size=(64, 64), cls_token=True))
     torch.save(_to_sapiens_names(vit.state_dict(), BACKBONE_KEYS), tmp_path / "pretrain.pth")
-    assert resolve_init(InitConfig(path=str(tmp_path / "pretrain.pth"))) == (
-        "pth",
-        str(tmp_path / "pretrain.pth"),
-    )
+    assert locate(str(tmp_path / "pretrain.pth")) == ("file", str(tmp_path / "pretrain.pth"))
     model = PoseModel(_pose_cfg())
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
-    init_model(model, InitConfig(path=str(tmp_path / "pretrain.pth")))
+    init_from(model, str(tmp_path / "pretrain.pth"))
     torch.testing.assert_close(model.backbone.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
     assert model.backbone.pos_embed.shape == (1, 4 * 3, 64)  # 4x4 (+cls) -> 4x3, no cls
     assert not hasattr(model.backbone, "cls_token") or model.backbone.cls_token is None
@@ -96,13 +93,13 @@ def test_init_from_backbone_folder_and_pose_folder(tmp_path):
     vit = VisionTransformer(ViTConfig("vit_test", img_size=(64, 64), cls_token=True))
     vit.save_pretrained(tmp_path / "run" / "backbone")
     model = PoseModel(_pose_cfg())
-    assert resolve_init(InitConfig(path=str(tmp_path / "run")))[0] == "run_dir"
-    init_model(model, InitConfig(path=str(tmp_path / "run")))
+    assert locate(str(tmp_path / "run")) == ("ours", str(tmp_path / "run" / "backbone"))
+    init_from(model, str(tmp_path / "run"))
     torch.testing.assert_close(model.backbone.blocks[0].mlp.fc1.weight, vit.blocks[0].mlp.fc1.weight)
 
     src = PoseModel(_pose_cfg())
     src.save_pretrained(tmp_path / "pose")
-    init_model(model, InitConfig(path=str(tmp_path / "pose")))
+    init_from(model, str(tmp_path / "pose"))
     torch.testing.assert_close(model.head.final_layer.weight, src.head.final_layer.weight)
 
 
@@ -111,37 +108,40 @@ def test_wrong_head_is_a_clear_error_unless_the_head_is_not_loaded(tmp_path):
     src.save_pretrained(tmp_path / "g308")
     model = PoseModel(_pose_cfg("coco17"))
     with pytest.raises(UserError, match=r"g308.*308 keypoints, expected 17"):
-        init_model(model, InitConfig(path=str(tmp_path / "g308")))
-    init_model(model, InitConfig(path=str(tmp_path / "g308"), load_head=False))  # backbone only: fine
+        init_from(model, str(tmp_path / "g308"))
+    init_from(model, str(tmp_path / "g308"), load_head=False)  # backbone only: fine
     # A Sapiens pose .pth with a 308 head, into a 17-keypoint config.
     sd = _to_sapiens_names(src.backbone.state_dict(), BACKBONE_KEYS, "backbone.")
     sd.update(_to_sapiens_names(src.head.state_dict(), HEAD_KEYS, "head."))
     torch.save({"state_dict": sd, "meta": {}}, tmp_path / "pose308.pth")
     with pytest.raises(UserError, match=r"pose308.pth.*308 keypoints, expected 17"):
-        init_model(model, InitConfig(path=str(tmp_path / "pose308.pth")))
+        init_from(model, str(tmp_path / "pose308.pth"))
     with pytest.raises(UserError, match=r"g308.*308 keypoints.*expected 17"):
-        load_pose_checkpoint(str(tmp_path / "g308"), expected_scheme="coco17")
+        load_pose_model(str(tmp_path / "g308"), expected_scheme="coco17")
     # Same K, another head kind: named too.
     build_pose_model(
         "vit_test", "coco17", input_size=(64, 48), head=HeadConfig("vitpose", 32)
     ).save_pretrained(tmp_path / "vp")
     with pytest.raises(UserError, match=r"vp: its pose head does not fit model.head \(kind=sapiens"):
-        init_model(model, InitConfig(path=str(tmp_path / "vp")))
+        init_from(model, str(tmp_path / "vp"))
 
 
 def test_bad_init_paths_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="no such file"):
-        resolve_init(InitConfig(path=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match="not found"):
+        locate(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a model folder"):
+        locate(str(tmp_path / "empty"))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="export-backbone"):
-        resolve_init(InitConfig(path=str(tmp_path / "empty")))
+        locate(str(tmp_path / "run"))
 
 
 # ---- a real (short) training run ----------------------------------------------------------------
 
 
 def _synth(tmp_path, name, n, seed):
-    from sapiens_lite.data.synth import synthesize
+    from sapiens_train.synth import synthesize
 
     return synthesize(
         tmp_path / name, n, seed=seed, size=(256, 192), scheme="coco17", people=(1, 2), progress=False
@@ -157,7 +157,7 @@ def test_short_training_on_synthetic_people_beats_the_untrained_model(tmp_path):
     """
     from finetune.config import EvalConfig
     from finetune.evaluate import evaluate_model
-    from finetune.train import train
+    from finetune.train import main
 
     train_json = _synth(tmp_path, "train", 300, seed=0)
     val_json = _synth(tmp_path, "val", 50, seed=1001)
@@ -180,7 +180,7 @@ def test_short_training_on_synthetic_people_beats_the_untrained_model(tmp_path):
     untrained = evaluate_model(
         PoseModel(cfg.model).eval(), val_json, val_json.parent / "images", EvalConfig(), progress=False
     )
-    final = train(cfg)
+    final = main(cfg)["metrics"]
     assert final["AP"] > max(0.01, 10 * untrained["AP"]), (untrained["AP"], final["AP"])
     assert final["PCK@0.05"] > max(0.15, 5 * untrained["PCK@0.05"]), (untrained, final)
     saved = json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())

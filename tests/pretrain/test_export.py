@@ -23,10 +23,10 @@ LIVE_WEIGHTS_SCRIPT = textwrap.dedent(
     import sys, torch
     import deepspeed
     from pretrain.config import PretrainConfig
-    from pretrain.train import fit
+    from pretrain.train import train
     from sapiens_lite.config import load_config
 
-    engine, _ = fit(load_config(PretrainConfig, [sys.argv[1]]), resume=False)
+    engine, _ = train(load_config(PretrainConfig, [sys.argv[1]]), resume=False)
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
         if engine.is_main:
             sd = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}

@@ -94,11 +94,20 @@ def test_unreadable_init_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    """--dry-run: the resolved config, the DeepSpeed config, the lr, the AdamW groups and the data plan."""
     cfg = write_config(tmp_path)
     assert sapiens(["pretrain", "--config", str(cfg), "--dry-run", "optim.blr=3e-4"]) == 0
-    out = yaml.safe_load(capsys.readouterr().out)
-    assert out["optim"]["blr"] == 3e-4 and out["model"]["encoder"]["img_size"] == [64, 48]
+    out = capsys.readouterr().out
+    config_text = out.split("# resolved config\n")[1].split("# DeepSpeed config")[0]
+    resolved = yaml.safe_load(config_text)
+    assert resolved["optim"]["blr"] == 3e-4 and resolved["model"]["encoder"]["img_size"] == [64, 48]
+    ds = json.loads(out.split("# DeepSpeed config (world size 1)\n")[1].split("\n# lr")[0])
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"] == {"stage": 0}
+    assert "# lr = 0.002 (absolute; blr unused)" in out
+    assert "layer_0_decay" in out and "layer_0_no_decay" in out  # the AdamW groups, from a meta-device model
+    assert "procedurally drawn people" in out and "epochs" in out
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_mae_flops_count_visible_tokens_in_the_encoder():
@@ -110,7 +119,7 @@ def test_mae_flops_count_visible_tokens_in_the_encoder():
 @pytest.mark.slow
 def test_tiny_run_loss_falls_and_writes_pictures(tmp_path):
     """Real training in this process: 100 steps of vit_test on 64 drawn people."""
-    from pretrain.train import fit
+    from pretrain.train import train
 
     cfg = load_config(
         PretrainConfig,
@@ -123,7 +132,7 @@ def test_tiny_run_loss_falls_and_writes_pictures(tmp_path):
             "engine.checkpoint_every=100",
         ],
     )
-    _, summary = fit(cfg, resume=False)
+    _, summary = train(cfg, resume=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log]
     assert len(losses) == 5 and all(r["img_per_s"] > 0 and r["mfu"] > 0 for r in log)

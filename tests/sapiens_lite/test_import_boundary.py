@@ -1,8 +1,10 @@
-"""Dependency rules of docs/ARCHITECTURE.md.
+"""Dependency rules of docs/ARCHITECTURE.md: three floors, arrows pointing down only.
 
-- `sapiens_lite` never imports `pretrain` / `finetune`; those two never import each other.
-- deepspeed, webdataset and pycocotools are imported only under pretrain/ and finetune/.
-- transformers only in tests and benchmarks.
+- `sapiens_lite` (runs models) imports nothing of ours above it and none of deepspeed, webdataset,
+  pycocotools, transformers.
+- `sapiens_train` (the shared training machinery) imports DeepSpeed and webdataset like any library and
+  never the recipes (`pretrain`, `finetune`); no function takes a library module as an argument.
+- `pretrain` and `finetune` never import each other; transformers only in tests and benchmarks.
 
 Checked twice: dynamically (a fresh interpreter imports every sapiens_lite module and looks at
 sys.modules) and statically (the import statements of every file, including imports inside functions
@@ -19,7 +21,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FORBIDDEN_IN_LITE = {"deepspeed", "webdataset", "pycocotools", "pretrain", "finetune", "transformers"}
+FORBIDDEN_IN_LITE = {
+    "deepspeed",
+    "webdataset",
+    "pycocotools",
+    "sapiens_train",
+    "pretrain",
+    "finetune",
+    "transformers",
+}
+RECIPES = {"pretrain", "finetune"}
+# Names a library module would travel under if it were passed as an argument.
+MODULE_ARGUMENT_NAMES = {"deepspeed", "ds_module", "wds", "webdataset", "pycocotools", "coco_module"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -71,6 +84,52 @@ print("FORBIDDEN", bad)
 @pytest.mark.parametrize("path", py_files("sapiens_lite"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_sapiens_lite_files_import_no_training_code(path):
     assert not imported_modules(path) & FORBIDDEN_IN_LITE
+
+
+def test_lite_and_predict_load_no_training_library_in_a_fresh_interpreter():
+    """What `pip install sapiens-toolkit` users import: the package, `load_model` and prediction."""
+    code = (
+        "import sys, sapiens_lite, sapiens_lite.predict, sapiens_lite.loading\n"
+        "from sapiens_lite import load_model\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in set(sys.argv[1:])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *sorted(FORBIDDEN_IN_LITE)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_importing_sapiens_train_loads_no_recipe():
+    code = """
+import importlib, pkgutil, sys
+import sapiens_train
+for m in pkgutil.walk_packages(sapiens_train.__path__, "sapiens_train."):
+    importlib.import_module(m.name)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("pretrain", "finetune")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("path", py_files("sapiens_train"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_sapiens_train_files_import_no_recipe(path):
+    assert not imported_modules(path) & (RECIPES | {"transformers"})
+
+
+def test_no_function_takes_a_library_module_as_an_argument():
+    """Libraries are imported where they are used; none travels as a parameter (`Engine(deepspeed, ...)`)."""
+    offenders = []
+    for package in ("sapiens_lite", "sapiens_train", "pretrain", "finetune"):
+        for path in py_files(package):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                    args = node.args
+                    names = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
+                    if names & MODULE_ARGUMENT_NAMES:
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders
 
 
 def test_training_packages_do_not_import_each_other():

@@ -108,20 +108,23 @@ def test_vitpose_heads_match_transformers(kind):
 
 
 def test_flip_test_is_flip_equivariant_and_differs_from_plain_forward():
+    torch.manual_seed(0)
     model = tiny()
     with torch.no_grad():  # make the head non-trivial
         model.head.final_layer.weight.normal_(std=1.0)
     x = torch.randn(1, 3, *INPUT)
     flip_index = model.scheme.flip_index
     p = model.predict(x)
+    # One batched pass vs two single passes differ by float rounding, relative to the heatmaps' scale.
+    atol = 1e-5 * float(p.abs().max())
     p_mirror = model.predict(x.flip(-1))
     # Averaging with the mirror view makes the prediction commute with mirroring.
-    torch.testing.assert_close(p_mirror, flip_heatmaps(p, flip_index), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p_mirror, flip_heatmaps(p, flip_index), atol=atol, rtol=1e-4)
     plain = model.predict(x, flip_test=False)
     torch.testing.assert_close(plain, model(x))
-    assert not torch.allclose(plain, p)
+    assert not torch.allclose(plain, p, atol=100 * atol)
     expected = 0.5 * (model(x) + flip_heatmaps(model(x.flip(-1)), flip_index))
-    torch.testing.assert_close(p, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p, expected, atol=atol, rtol=1e-4)
 
 
 def test_checkpoint_with_wrong_keypoint_count_is_a_user_error():

@@ -1,13 +1,11 @@
 """Checkpoint layout, the atomic `latest` marker, pruning, validation and fp32 consolidation.
 
-    run_dir/checkpoints/
-        latest                          # the last complete tag, written (tmp + rename) after all ranks saved
-        step_00000500/                  # one DeepSpeed checkpoint per tag
-            mp_rank_00_model_states.pt  #   DeepSpeed: module (+ our client_state) from rank 0
-            *zero_pp_rank_<r>_*optim_states.pt   # DeepSpeed: optimizer partition of rank r (ZeRO)
-            engine_rank<r>.pt           #   ours: step, RNG states and data position of rank r
-
-The deepspeed module is passed in (`consolidate_fp32(deepspeed, ...)`); this file never imports it.
+run_dir/checkpoints/
+    latest                          # the last complete tag, written (tmp + rename) after all ranks saved
+    step_00000500/                  # one DeepSpeed checkpoint per tag
+        mp_rank_00_model_states.pt  #   DeepSpeed: module (+ our client_state) from rank 0
+        *zero_pp_rank_<r>_*optim_states.pt   # DeepSpeed: optimizer partition of rank r (ZeRO)
+        engine_rank<r>.pt           #   ours: step, RNG states and data position of rank r
 """
 
 from __future__ import annotations
@@ -129,9 +127,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     raise UserError(f"{path}: no such run or checkpoint directory")
 
 
-def consolidate_fp32(
-    deepspeed, run_dir: str | os.PathLike, tag: str | None = None
-) -> dict[str, torch.Tensor]:
+def consolidate_fp32(run_dir: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
     """One fp32 state dict (the module's own key names) from a DeepSpeed checkpoint of any ZeRO stage.
 
     ZeRO 1-3 partitions are merged by `deepspeed.utils.zero_to_fp32` (fp32 master weights, frozen
@@ -146,7 +142,12 @@ def consolidate_fp32(
     if not tag_dir.is_dir():
         raise UserError(f"{tag_dir}: no such checkpoint")
     if list(tag_dir.glob("*optim_states.pt")):
-        sd = deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        from sapiens_train.dist import set_ds_accelerator_env
+
+        set_ds_accelerator_env()  # before DeepSpeed's first import (a `sapiens export-backbone` process)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     if not model_files:

@@ -25,15 +25,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from sapiens_lite.training import (
-    Engine,
-    EngineConfig,
-    EveryN,
-    OptimConfig,
-    ResumableLoader,
-    consolidate_fp32,
-    read_log,
-)
+from sapiens_train.checkpoint import consolidate_fp32
+from sapiens_train.config import EngineConfig, OptimConfig
+from sapiens_train.engine import Engine, EveryN
+from sapiens_train.loader import ResumableLoader
+from sapiens_train.monitor import read_log
 
 IN_DIM = 8
 
@@ -115,7 +111,7 @@ def log_losses(run_dir: Path) -> dict[int, float]:
 
 
 def reference_run(out: Path, run_name: str, hooks=()) -> dict:
-    engine = Engine(deepspeed, TinyNet, cfg_for(out / run_name, zero=2), OPTIM)
+    engine = Engine(TinyNet, cfg_for(out / run_name, zero=2), OPTIM)
     resumed = engine.resume()
     summary = engine.fit(loader(engine), step_fn, hooks=hooks)
     return {
@@ -132,7 +128,7 @@ def scenario_matrix(out: Path) -> dict:
         for precision in ("fp32", "bf16"):
             name = f"z{zero}_{precision}"
             engine = Engine(
-                deepspeed, TinyNet, cfg_for(out / name, zero, precision, total=2, checkpoint_every=100), OPTIM
+                TinyNet, cfg_for(out / name, zero, precision, total=2, checkpoint_every=100), OPTIM
             )
             before = full_params(engine)
             summary = engine.fit(loader(engine), step_fn)
@@ -154,7 +150,7 @@ def scenario_matrix(out: Path) -> dict:
         return loss, m
 
     nan_on_rank1.calls = 0
-    engine = Engine(deepspeed, TinyNet, cfg_for(out / "nan", 1, total=4, checkpoint_every=100), OPTIM)
+    engine = Engine(TinyNet, cfg_for(out / "nan", 1, total=4, checkpoint_every=100), OPTIM)
     summary = engine.fit(loader(engine), nan_on_rank1)
     res["nan"] = {
         "skipped": summary["nonfinite_skipped"],
@@ -164,12 +160,12 @@ def scenario_matrix(out: Path) -> dict:
     }
 
     # ZeRO-3 checkpoint -> one fp32 state dict equal to the live (gathered) parameters.
-    engine = Engine(deepspeed, TinyNet, cfg_for(out / "z3_export", 3, total=3), OPTIM)
+    engine = Engine(TinyNet, cfg_for(out / "z3_export", 3, total=3), OPTIM)
     engine.fit(loader(engine), step_fn)
     live = full_params(engine)
     dist.barrier()
     if engine.is_main:
-        sd = consolidate_fp32(deepspeed, out / "z3_export")
+        sd = consolidate_fp32(out / "z3_export")
         res["consolidate"] = {
             "keys_match": sorted(sd) == sorted(live),
             "max_diff": max((sd[k] - live[k]).abs().max().item() for k in live),
@@ -177,7 +173,7 @@ def scenario_matrix(out: Path) -> dict:
         }
 
     # In-process resume under ZeRO-3: crash (an exception) at step 5, new engine resumes from step 4.
-    ref = Engine(deepspeed, TinyNet, cfg_for(out / "z3_ref", 3, total=8, checkpoint_every=4), OPTIM)
+    ref = Engine(TinyNet, cfg_for(out / "z3_ref", 3, total=8, checkpoint_every=4), OPTIM)
     ref.fit(loader(ref), step_fn)
 
     class Crash(Exception):
@@ -186,12 +182,12 @@ def scenario_matrix(out: Path) -> dict:
     def crash(engine, step, batch, metrics):
         raise Crash()
 
-    eng = Engine(deepspeed, TinyNet, cfg_for(out / "z3_crash", 3, total=8, checkpoint_every=4), OPTIM)
+    eng = Engine(TinyNet, cfg_for(out / "z3_crash", 3, total=8, checkpoint_every=4), OPTIM)
     try:
         eng.fit(loader(eng), step_fn, hooks=[EveryN(5, crash)])
     except Crash:
         pass
-    eng = Engine(deepspeed, TinyNet, cfg_for(out / "z3_crash", 3, total=8, checkpoint_every=4), OPTIM)
+    eng = Engine(TinyNet, cfg_for(out / "z3_crash", 3, total=8, checkpoint_every=4), OPTIM)
     res["z3_resume"] = {"resumed": eng.resume(), "step": eng.step}
     eng.fit(loader(eng), step_fn)
     if eng.is_main:
@@ -233,7 +229,6 @@ def scenario_compile(out: Path) -> dict:
             name = f"z{zero}_{'compiled' if compiled else 'eager'}"
             counters.clear()
             engine = Engine(
-                deepspeed,
                 TinyViT,
                 cfg_for(
                     out / name,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sapiens_lite.data.transforms import (
+from sapiens_train.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MAEDecode,

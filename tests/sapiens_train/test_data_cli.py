@@ -125,7 +125,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
 def test_building_the_parser_imports_nothing_heavy():
     code = (
         "import sys; from sapiens_lite.cli import build_parser; build_parser('data'); "
-        "print(sorted(m for m in ('webdataset', 'sapiens_lite.data.synth', 'cv2', 'torch') if m in sys.modules))"
+        "print(sorted(m for m in ('webdataset', 'sapiens_train.synth', 'cv2', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -4,7 +4,7 @@ The engine's data protocol: any iterable of micro-batches, optionally with
 `set_epoch(epoch)`, `state_dict()` and `load_state_dict(state)`, where `state_dict()` describes the
 position right after the batches the engine has taken so far. `ResumableLoader` implements it on top
 of a torch DataLoader (worker prefetching does not move the saved position: it counts the batches it
-handed out). Streaming sources (the webdataset loader in `sapiens_lite.data.stream`) implement the
+handed out). Streaming sources (the webdataset loader in `sapiens_train.stream`) implement the
 same three methods.
 """
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from sapiens_lite.data.coco import load_coco_keypoints
 from sapiens_lite.errors import UserError
+from sapiens_train.coco import load_coco_keypoints
 
 
 def _kp(k: int, v: int = 2) -> list[float]:

@@ -1,6 +1,7 @@
 """Process group set-up (single process, torchrun, deepspeed launcher), seeds and RNG states.
 
-The deepspeed module is passed in by the trainer; this package never imports it.
+Importing this module chooses DeepSpeed's accelerator (`set_ds_accelerator_env`), so modules that import
+DeepSpeed import this one first.
 """
 
 from __future__ import annotations
@@ -56,13 +57,18 @@ def set_ds_accelerator_env() -> str | None:
     return os.environ.get("DS_ACCELERATOR")
 
 
-def accelerator_name(deepspeed) -> str:
+set_ds_accelerator_env()
+
+
+def accelerator_name() -> str:
     """The DeepSpeed accelerator in use ("cuda", "cpu", ...), checked against what torch can see.
 
     DeepSpeed picks its accelerator when it is first imported. A CUDA build of torch on a machine
     without a GPU makes it fall back to "cpu" (or DS_ACCELERATOR=cpu forces it); a "cuda" accelerator
     without a usable GPU can only fail later, so it is reported here with the fix.
     """
+    import deepspeed
+
     name = deepspeed.accelerator.get_accelerator().device_name()
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(
@@ -71,13 +77,15 @@ def accelerator_name(deepspeed) -> str:
     return name
 
 
-def init_distributed(deepspeed, backend: str = "auto") -> tuple[int, int, int, torch.device]:
+def init_distributed(backend: str = "auto") -> tuple[int, int, int, torch.device]:
     """Initialise the default process group once; returns (rank, world_size, local_rank, device).
 
     backend "auto" is nccl on CUDA and gloo otherwise. Works as a single process (no launcher), under
     torchrun and under the deepspeed launcher (all three set the env:// variables; the first by us).
     """
-    accel = accelerator_name(deepspeed)
+    import deepspeed
+
+    accel = accelerator_name()
     if backend == "auto":
         backend = "nccl" if accel == "cuda" else "gloo"
     if backend == "nccl" and accel != "cuda":

@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from sapiens_lite.data import _body
-from sapiens_lite.data.coco import load_coco_keypoints
-from sapiens_lite.data.synth import (
+from sapiens_lite.keypoints import get_scheme
+from sapiens_train import _body
+from sapiens_train.coco import load_coco_keypoints
+from sapiens_train.synth import (
     add_synth_arguments,
     render_sample,
     run_synth,
     scheme_sources,
     synthesize,
 )
-from sapiens_lite.keypoints import get_scheme
 
 SIZE = (128, 96)
 

@@ -1,9 +1,7 @@
 """The one training engine: DeepSpeed from our typed config, the step loop, checkpoints, logs.
 
-A trainer imports deepspeed and hands the module in; this file never imports it.
-
-    import deepspeed
-    engine = Engine(deepspeed, model, cfg.engine, cfg.optim, flops_per_sample=fwd_flops, config_to_save=cfg)
+    engine = Engine(build_model, cfg.engine, cfg.optim, param_groups=groups_fn,
+                    flops_per_sample=fwd_flops, config_to_save=cfg)
     engine.resume()                                     # no-op on a fresh run_dir
     loader = build_loader(rank=engine.rank, world_size=engine.world_size, ...)
 
@@ -41,9 +39,9 @@ import torch.nn as nn
 
 from sapiens_lite.config import save_config
 from sapiens_lite.errors import UserError
-from sapiens_lite.training import checkpoint as ckpt
-from sapiens_lite.training.config import EngineConfig, OptimConfig
-from sapiens_lite.training.dist import (
+from sapiens_train import checkpoint as ckpt
+from sapiens_train.config import EngineConfig, OptimConfig
+from sapiens_train.dist import (
     all_reduce,
     barrier,
     broadcast_module,
@@ -52,10 +50,13 @@ from sapiens_lite.training.dist import (
     seed_everything,
     set_rng_state,
 )
-from sapiens_lite.training.monitor import RunLogger, mfu, peak_memory_gib, peak_tflops, plot_log
-from sapiens_lite.training.optim import describe_param_groups
-from sapiens_lite.training.optim import param_groups as default_param_groups
-from sapiens_lite.training.schedule import lr_at, scaled_lr
+from sapiens_train.monitor import RunLogger, mfu, peak_memory_gib, peak_tflops, plot_log
+from sapiens_train.optim import describe_param_groups
+from sapiens_train.optim import param_groups as default_param_groups
+from sapiens_train.schedule import describe_lr, lr_at, scaled_lr
+
+# After sapiens_train.dist (above), which chooses DeepSpeed's accelerator before DeepSpeed's first import.
+import deepspeed  # noqa: E402  # isort: skip
 
 StepFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -159,12 +160,11 @@ class Engine:
 
     def __init__(
         self,
-        deepspeed,
         model: nn.Module | Callable[[], nn.Module],
         cfg: EngineConfig,
         optim: OptimConfig,
         *,
-        param_groups: list[dict] | None = None,
+        param_groups: Callable[[nn.Module], list[dict]] | None = None,
         flops_per_sample: float | None = None,
         config_to_save: Any = None,
     ):
@@ -172,15 +172,13 @@ class Engine:
 
         model: the model, or a zero-argument function building it (then built right after seeding,
             identically on every rank). Rank 0's weights are broadcast to all ranks either way.
-        param_groups: AdamW groups (`params`, `weight_decay`, optional `lr_scale`); default
-            `optim.param_groups(model, optim.weight_decay, layer_decay=optim.layer_decay)`.
+        param_groups: a function of the built model returning its AdamW groups (`params`,
+            `weight_decay`, optional `lr_scale`, `name`); default: decay iff ndim >= 2, `optim.layer_decay` over `blocks.<i>` (`optim.param_groups`).
         flops_per_sample: forward FLOPs of one sample, for MFU (training counts 3x).
         config_to_save: the trainer's resolved config dataclass, written to run_dir/config.yaml.
         """
         self.cfg, self.optim_cfg = cfg, optim
-        self.rank, self.world_size, self.local_rank, self.device = init_distributed(
-            deepspeed, cfg.dist_backend
-        )
+        self.rank, self.world_size, self.local_rank, self.device = init_distributed(cfg.dist_backend)
         self.is_main = self.rank == 0
         self.global_batch_size = global_batch_size(cfg, self.world_size)  # before any work
         self.run_dir = Path(cfg.run_dir)
@@ -212,11 +210,10 @@ class Engine:
                     deepspeed.utils.set_z3_leaf_module(block, True)
 
         self.base_lr = scaled_lr(optim, self.global_batch_size)
-        groups = (
-            param_groups
-            if param_groups is not None
-            else default_param_groups(model, optim.weight_decay, layer_decay=optim.layer_decay)
-        )
+        if param_groups is None:
+            groups = default_param_groups(model, optim.weight_decay, layer_decay=optim.layer_decay)
+        else:
+            groups = param_groups(model)
         for i, g in enumerate(groups):
             g.setdefault("name", f"group_{i}")
             g.setdefault("lr_scale", 1.0)
@@ -252,10 +249,7 @@ class Engine:
             if config_to_save is not None:
                 save_config(config_to_save, self.run_dir / "config.yaml")
             _write_json(self.run_dir / "ds_config.json", self.ds_config)
-            if optim.lr is None:
-                lr_msg = f"lr = blr {optim.blr:g} x global batch {self.global_batch_size} / 256 = {self.base_lr:.4g}"
-            else:
-                lr_msg = f"lr = {self.base_lr:.4g} (absolute; blr unused)"
+            lr_msg = describe_lr(optim, self.global_batch_size)
             print(
                 f"[engine] world {self.world_size} on {self.device} ({self.ds_config['zero_optimization']}, "
                 f"{cfg.precision}); global batch {self.global_batch_size} = micro {cfg.micro_batch_size} x "

@@ -117,7 +117,7 @@ def _parse_people(text: str) -> tuple[int, int]:
 
 
 def run_synth_command(args) -> int | None:
-    from sapiens_lite.data.synth import add_synth_arguments, run_synth
+    from sapiens_train.synth import add_synth_arguments, run_synth
 
     parser = argparse.ArgumentParser(prog="sapiens data synth", description="Render procedural people.")
     add_synth_arguments(parser)
@@ -125,7 +125,7 @@ def run_synth_command(args) -> int | None:
 
 
 def run_pack_command(args) -> int:
-    from pretrain.shards import PackOptions, collect_coco, collect_folder, pack, synthesize_source
+    from sapiens_train.shards import PackOptions, collect_coco, collect_folder, pack, synthesize_source
 
     options = PackOptions(
         max_samples=args.max_samples,
@@ -162,12 +162,10 @@ def run_pack_command(args) -> int:
 
 
 def run_inspect_command(args) -> int:
-    import webdataset as wds
-
-    from pretrain.shards import format_report, inspect_shards
+    from sapiens_train.shards import format_report, inspect_shards
 
     reports = inspect_shards(
-        wds, args.shards, sheet=args.out, num_images=args.num_images, cols=args.cols, tile_size=args.tile_size
+        args.shards, sheet=args.out, num_images=args.num_images, cols=args.cols, tile_size=args.tile_size
     )
     if args.json:
         print(json.dumps([r.__dict__ for r in reports], indent=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from sapiens_lite.training.config import OptimConfig
+from sapiens_train.config import OptimConfig
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
@@ -12,6 +12,14 @@ def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
     if cfg.lr is not None:
         return cfg.lr
     return cfg.blr * global_batch_size / 256
+
+
+def describe_lr(cfg: OptimConfig, global_batch_size: int) -> str:
+    """The lr line both the engine and `--dry-run` print: the rule, its factors and the result."""
+    lr = scaled_lr(cfg, global_batch_size)
+    if cfg.lr is None:
+        return f"lr = blr {cfg.blr:g} x global batch {global_batch_size} / 256 = {lr:.4g}"
+    return f"lr = {lr:.4g} (absolute; blr unused)"
 
 
 def lr_at(step: int, cfg: OptimConfig, base_lr: float, total_steps: int) -> float:

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -149,7 +150,7 @@ def collect_folder(root: str | os.PathLike) -> tuple[list[PackItem], dict]:
 
 def collect_coco(json_path: str | os.PathLike, image_root: str | os.PathLike | None = None):
     """One item per image of a COCO keypoint file (17 / WholeBody 133 / 308), via H3's coco.py."""
-    from sapiens_lite.data.coco import load_coco_keypoints
+    from sapiens_train.coco import load_coco_keypoints
 
     json_path = Path(json_path)
     if not json_path.is_file():
@@ -212,7 +213,7 @@ def synthesize_source(
     progress: bool = True,
 ):
     """Synthesize into out_dir/.synth (reused by a resumed run) and collect it as a COCO source."""
-    from sapiens_lite.data.synth import synthesize
+    from sapiens_train.synth import synthesize
 
     synth_dir = Path(out_dir) / ".synth"
     ann = synth_dir / "annotations.json"
@@ -329,8 +330,6 @@ def _scale_annotation(ann: dict, sx: float, sy: float) -> dict:
 
 def write_shard(task: ShardTask) -> ShardInfo:
     """Write one shard through a temporary file; a crash leaves only `*.tmp`, never a short `.tar`."""
-    import webdataset as wds
-
     final = os.path.join(task.out_dir, task.name)
     tmp = f"{final}.{os.getpid()}.tmp"
     annotations = 0
@@ -362,8 +361,6 @@ def write_shard(task: ShardTask) -> ShardInfo:
 
 
 def _existing_shard_info(task: ShardTask) -> ShardInfo:
-    import webdataset as wds
-
     path = os.path.join(task.out_dir, task.name)
     annotations = 0
     for sample in wds.tarfile_samples([{"url": path}]):
@@ -480,12 +477,12 @@ class ShardReport:
 
 
 def inspect_shards(
-    wds, spec: str, *, sheet: str | None = None, num_images: int = 16, cols: int = 4, tile_size: int = 256
+    spec: str, *, sheet: str | None = None, num_images: int = 16, cols: int = 4, tile_size: int = 256
 ) -> list[ShardReport]:
     """Count samples and keypoint annotations per shard; optionally write a contact sheet."""
-    from sapiens_lite.data.stream import resolve_shards
+    from sapiens_train.stream import resolve_shards
 
-    shards = resolve_shards(wds, spec)
+    shards = resolve_shards(spec)
     reports, thumbs = [], []
     for shard in shards:
         rep = ShardReport(shard.url)

@@ -18,8 +18,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pretrain import shards as shards_mod
-from pretrain.shards import (
+from sapiens_lite.errors import UserError
+from sapiens_train import shards as shards_mod
+from sapiens_train.shards import (
     PackOptions,
     collect_coco,
     collect_folder,
@@ -28,7 +29,6 @@ from pretrain.shards import (
     pack,
     synthesize_source,
 )
-from sapiens_lite.errors import UserError
 
 
 def make_folder(root: Path, n: int = 11, size=(48, 64)) -> Path:
@@ -226,7 +226,7 @@ def test_bad_inputs(tmp_path):
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
-    from sapiens_lite.data.synth import synthesize
+    from sapiens_train.synth import synthesize
 
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, 5, seed=3, size=(96, 72), scheme="coco_wholebody133", people=(1, 2), progress=False)
@@ -270,7 +270,6 @@ def test_synth_source_and_inspect(tmp_path):
     assert source["type"] == "synth" and len(items) == 4
     pack(items, source, tmp_path / "out", PackOptions(max_samples=3), progress=False)
     reports = inspect_shards(
-        wds,
         str(tmp_path / "out" / "index.json"),
         sheet=str(tmp_path / "sheet.png"),
         num_images=4,

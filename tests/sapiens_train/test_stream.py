@@ -13,10 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 import socket
-import subprocess
-import sys
 import threading
 from collections import Counter
 
@@ -26,8 +23,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from sapiens_lite.data.stream import _ModuleRef, build_stream, resolve_shards
 from sapiens_lite.errors import UserError
+from sapiens_train.stream import build_stream, resolve_shards
 
 SIZES = [7, 3, 11, 5, 9]  # uneven on purpose: 35 samples in 5 shards
 
@@ -84,7 +81,6 @@ def test_epoch_is_exactly_once_with_equal_batch_counts(tmp_path, world_size, num
     per_rank = []
     for rank in range(world_size):
         loader = build_stream(
-            wds,
             pattern(tmp_path),
             decode=key_of,
             batch_size=b,
@@ -110,7 +106,6 @@ def test_drop_last_false_sees_everything_and_counts_repeats(tmp_path):
     seen, repeated = [], 0
     for rank in range(2):
         loader = build_stream(
-            wds,
             tmp_path,
             decode=key_of,
             batch_size=4,
@@ -130,7 +125,6 @@ def test_drop_last_false_sees_everything_and_counts_repeats(tmp_path):
 def test_order_is_deterministic_per_seed_and_epoch(shards, tmp_path):
     def run(seed, epoch, workers=1):
         loader = build_stream(
-            wds,
             pattern(tmp_path / "shards"),
             decode=key_of,
             batch_size=5,
@@ -152,7 +146,7 @@ def test_order_is_deterministic_per_seed_and_epoch(shards, tmp_path):
 
 def test_epochs_advance_by_themselves(shards, tmp_path):
     loader = build_stream(
-        wds, tmp_path / "shards", decode=key_of, batch_size=5, num_workers=0, seed=0, rank=0, world_size=1
+        tmp_path / "shards", decode=key_of, batch_size=5, num_workers=0, seed=0, rank=0, world_size=1
     )
     first, second = keys(loader), keys(loader)
     assert loader.epoch == 2 and sorted(first) == sorted(second) and first != second
@@ -172,7 +166,6 @@ def test_resume_continues_with_the_same_batches(tmp_path, num_workers):
 
     def new():
         return build_stream(
-            wds,
             tmp_path,
             decode=key_of,
             batch_size=2,
@@ -203,10 +196,10 @@ def test_resume_continues_with_the_same_batches(tmp_path, num_workers):
 
 def test_resume_rejects_other_settings(shards, tmp_path):
     a = build_stream(
-        wds, tmp_path / "shards", decode=key_of, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1
+        tmp_path / "shards", decode=key_of, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1
     )
     b = build_stream(
-        wds, tmp_path / "shards", decode=key_of, batch_size=3, num_workers=0, seed=0, rank=0, world_size=1
+        tmp_path / "shards", decode=key_of, batch_size=3, num_workers=0, seed=0, rank=0, world_size=1
     )
     with pytest.raises(UserError, match="batch_size"):
         b.load_state_dict(a.state_dict())
@@ -220,7 +213,6 @@ def test_resume_skips_consumed_samples_without_decoding(shards, tmp_path):
         return sample["__key__"]
 
     a = build_stream(
-        wds,
         tmp_path / "shards",
         decode=decode,
         batch_size=2,
@@ -236,7 +228,6 @@ def test_resume_skips_consumed_samples_without_decoding(shards, tmp_path):
     state = a.state_dict()
     calls.clear()
     b = build_stream(
-        wds,
         tmp_path / "shards",
         decode=decode,
         batch_size=2,
@@ -257,7 +248,6 @@ def test_resume_skips_consumed_samples_without_decoding(shards, tmp_path):
 def test_resampled_mode_is_infinite_and_resumable(shards, tmp_path):
     def new():
         return build_stream(
-            wds,
             tmp_path / "shards",
             decode=key_of,
             batch_size=4,
@@ -285,7 +275,6 @@ def test_resampled_mode_is_infinite_and_resumable(shards, tmp_path):
     assert [next(it_c) for _ in range(19)] == batches[11:]
 
     d = build_stream(
-        wds,
         tmp_path / "shards",
         decode=key_of,
         batch_size=4,
@@ -320,9 +309,8 @@ def test_corrupt_data_is_skipped_counted_and_never_hangs(tmp_path, caplog, num_w
         Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         return sample["__key__"]
 
-    with caplog.at_level(logging.WARNING, logger="sapiens_lite.data.stream"):
+    with caplog.at_level(logging.WARNING, logger="sapiens_train.stream"):
         loader = build_stream(
-            wds,
             tmp_path,
             decode=decode,
             batch_size=4,
@@ -351,9 +339,7 @@ def test_a_broken_decode_raises_instead_of_skipping_everything(tmp_path):
     def decode(sample):
         raise KeyError("jpg")
 
-    loader = build_stream(
-        wds, tmp_path, decode=decode, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1
-    )
+    loader = build_stream(tmp_path, decode=decode, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1)
     with pytest.raises(RuntimeError, match="first 50 samples .* all failed to decode"):
         list(loader)
 
@@ -361,7 +347,7 @@ def test_a_broken_decode_raises_instead_of_skipping_everything(tmp_path):
 def test_no_decodable_sample_at_all_raises(tmp_path):
     make_shards(tmp_path, sizes=[3, 3])
     loader = build_stream(
-        wds, tmp_path, decode=lambda s: None, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1
+        tmp_path, decode=lambda s: None, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1
     )
     with pytest.raises(RuntimeError, match="no decodable sample"):
         list(loader)
@@ -369,7 +355,6 @@ def test_no_decodable_sample_at_all_raises(tmp_path):
 
 def test_decode_returning_none_skips(shards, tmp_path):
     loader = build_stream(
-        wds,
         tmp_path / "shards",
         decode=lambda s: None if s["__key__"].startswith("s0") else 1,
         batch_size=4,
@@ -390,12 +375,11 @@ def test_decode_returning_none_skips(shards, tmp_path):
 
 def test_pipe_urls_and_index(shards, tmp_path):
     urls = [f"pipe:cat {p}" for p in shards]
-    loader = build_stream(wds, urls, decode=key_of, batch_size=5, num_workers=0, seed=0, rank=0, world_size=1)
+    loader = build_stream(urls, decode=key_of, batch_size=5, num_workers=0, seed=0, rank=0, world_size=1)
     assert loader.num_samples == 35  # counted by streaming: no index next to pipe: URLs
     assert sorted(keys(loader)) == sorted(
         k
         for b in build_stream(
-            wds,
             str(tmp_path / "shards" / "index.json"),
             decode=key_of,
             batch_size=5,
@@ -416,7 +400,6 @@ def test_http_urls(shards, tmp_path):
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         loader = build_stream(
-            wds,
             f"{base}/index.json",
             decode=key_of,
             batch_size=5,
@@ -428,7 +411,6 @@ def test_http_urls(shards, tmp_path):
         assert [s.url for s in loader.shards][0] == f"{base}/shard-000000.tar"
         got = keys(loader)
         direct = build_stream(
-            wds,
             base + "/shard-{000000..000004}.tar",
             decode=key_of,
             batch_size=5,
@@ -451,36 +433,23 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def test_counts_without_index(tmp_path):
     make_shards(tmp_path, index=False)
-    shards = resolve_shards(wds, pattern(tmp_path))
+    shards = resolve_shards(pattern(tmp_path))
     assert [s.num_samples for s in shards] == SIZES
 
 
 def test_clear_errors_before_any_work(tmp_path):
     with pytest.raises(UserError, match=r"nothing-\{0\.\.3\}"):
-        build_stream(
-            wds, str(tmp_path / "nothing-{0..3}.tar"), decode=key_of, batch_size=1, num_workers=0, seed=0
-        )
+        build_stream(str(tmp_path / "nothing-{0..3}.tar"), decode=key_of, batch_size=1, num_workers=0, seed=0)
     with pytest.raises(UserError, match="no shards"):
-        build_stream(wds, [], decode=key_of, batch_size=1, num_workers=0, seed=0)
+        build_stream([], decode=key_of, batch_size=1, num_workers=0, seed=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty"):
-        build_stream(wds, tmp_path / "empty", decode=key_of, batch_size=1, num_workers=0, seed=0)
+        build_stream(tmp_path / "empty", decode=key_of, batch_size=1, num_workers=0, seed=0)
     with pytest.raises(UserError, match="index.json"):
-        build_stream(wds, str(tmp_path / "index.json"), decode=key_of, batch_size=1, num_workers=0, seed=0)
+        build_stream(str(tmp_path / "index.json"), decode=key_of, batch_size=1, num_workers=0, seed=0)
     make_shards(tmp_path / "small", sizes=[2, 1])
     with pytest.raises(UserError, match="fewer than one global batch"):
-        build_stream(wds, tmp_path / "small", decode=key_of, batch_size=4, num_workers=0, seed=0)
-
-
-def test_webdataset_reaches_spawned_workers_by_name():
-    ref = _ModuleRef(wds)
-    assert pickle.loads(pickle.dumps(ref)) is wds
-
-
-def test_stream_module_does_not_import_webdataset():
-    code = "import sys, sapiens_lite.data.stream, sapiens_lite.data.transforms; print('webdataset' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+        build_stream(tmp_path / "small", decode=key_of, batch_size=4, num_workers=0, seed=0)
 
 
 # ----------------------------------------------------------------------------- two ranks, gloo
@@ -500,7 +469,7 @@ def _rank_main(rank, world_size, port, folder, out):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         loader = build_stream(
-            wds, folder, decode=key_of, batch_size=2, num_workers=2, seed=11, shuffle_buffer=4
+            folder, decode=key_of, batch_size=2, num_workers=2, seed=11, shuffle_buffer=4
         )  # rank and world size from torch.distributed
         batches = []
         for batch in loader:

@@ -12,15 +12,10 @@ import torch.nn as nn
 from sapiens_lite.config import load_config
 from sapiens_lite.errors import ConfigError, UserError
 from sapiens_lite.models.vit import build_vit
-from sapiens_lite.training import (
-    EngineConfig,
-    OptimConfig,
-    build_ds_config,
-    global_batch_size,
-    lr_at,
-    scaled_lr,
-)
-from sapiens_lite.training.optim import param_groups, vit_layer_id
+from sapiens_train.config import EngineConfig, OptimConfig
+from sapiens_train.engine import build_ds_config, global_batch_size
+from sapiens_train.optim import param_groups, vit_layer_id
+from sapiens_train.schedule import lr_at, scaled_lr
 
 
 @dataclass

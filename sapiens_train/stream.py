@@ -1,7 +1,6 @@
 """Streaming loader over webdataset tar shards, shared by the MAE and pose trainers.
 
-The webdataset module is injected (`build_stream(wds, ...)`): this file never imports it, so that
-`sapiens_lite` stays importable without the training extras. webdataset does what it is good at:
+webdataset does what it is good at:
 brace expansion (`shards-{000000..000009}.tar`), opening local paths, `pipe:` commands and http(s)
 URLs (`wds.gopen`), and reading tar members grouped into samples (`wds.tarfile_samples`). The
 assignment of samples to ranks and workers is ours, because `split_by_node`/`split_by_worker` hand
@@ -9,7 +8,7 @@ out whole shards round-robin: with 5 shards over 4 slots one slot reads twice as
 others and the ranks disagree on the number of batches, which hangs a distributed job.
 
 API
-    build_stream(wds, urls, *, decode, batch_size, num_workers, seed, rank=None, world_size=None,
+    build_stream(urls, *, decode, batch_size, num_workers, seed, rank=None, world_size=None,
                  mode="epoch" | "resampled", shuffle_buffer=1000, shard_shuffle=True, collate=None,
                  drop_last=True, batches_per_epoch=None, pin_memory=False) -> StreamLoader
     StreamLoader: `for batch in loader` (one epoch, or forever in resampled mode without
@@ -17,7 +16,7 @@ API
         epoch per rank), `set_epoch(e)`,
         `state_dict()` / `load_state_dict(sd)`, `stats` (decoded / skipped with reasons),
         `num_samples`, `shards`.
-    resolve_shards(wds, urls) -> list[Shard]: the shard list with per-shard sample counts.
+    resolve_shards(urls) -> list[Shard]: the shard list with per-shard sample counts.
 
 `urls` is a brace pattern, a list of URLs, a directory holding shards, or an `index.json` written
 by `sapiens data pack` (local path, `pipe:` or http URL; shard names in it are relative to it).
@@ -69,14 +68,12 @@ Resume
     moves to the next epoch by itself. `set_epoch(e)` with a new `e` starts epoch e from its
     beginning (with the current epoch it does nothing, so it is safe after `load_state_dict`).
 
-DataLoader workers are started for each pass (not persistent); webdataset's module is passed
-to them by name if the start method pickles it (spawn).
+DataLoader workers are started for each pass (not persistent).
 """
 
 from __future__ import annotations
 
 import bisect
-import importlib
 import json
 import logging
 import math
@@ -89,6 +86,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import webdataset as wds
 
 from sapiens_lite.errors import UserError
 
@@ -116,7 +114,7 @@ def _index_dir(index_url: str) -> str:
     return index_url.rsplit("/", 1)[0] + "/" if "/" in index_url else ""
 
 
-def _read_index(wds, index_url: str) -> list[Shard]:
+def _read_index(index_url: str) -> list[Shard]:
     if _is_local(index_url) and not os.path.isfile(index_url):
         raise UserError(f"shard index {index_url} does not exist")
     try:
@@ -165,7 +163,7 @@ def _sample_key(name: str) -> str | None:
     return f"{d}/{stem}" if d else stem
 
 
-def count_samples(wds, url: str) -> int:
+def count_samples(url: str) -> int:
     """Number of samples in one shard: tar headers for a local file, a streamed pass otherwise."""
     if _is_local(url):
         keys = set()
@@ -183,19 +181,19 @@ def count_samples(wds, url: str) -> int:
     return n
 
 
-def resolve_shards(wds, urls) -> list[Shard]:
+def resolve_shards(urls) -> list[Shard]:
     """Expand `urls` into shards with sample counts; raises UserError if there is nothing to read."""
     if isinstance(urls, os.PathLike):
         urls = os.fspath(urls)
     if isinstance(urls, str):
         if urls.endswith(".json"):
-            shards = _read_index(wds, urls)
+            shards = _read_index(urls)
             if not shards:
                 raise UserError(f"shard index {urls} lists no shards")
             return _nonempty(shards, urls)
         if _is_local(urls) and os.path.isdir(urls):
             if os.path.isfile(os.path.join(urls, INDEX_NAME)):
-                return resolve_shards(wds, os.path.join(urls, INDEX_NAME))
+                return resolve_shards(os.path.join(urls, INDEX_NAME))
             expanded = sorted(os.path.join(urls, f) for f in os.listdir(urls) if f.endswith(".tar"))
             if not expanded:
                 raise UserError(f"folder {urls} holds no .tar shards and no {INDEX_NAME}")
@@ -215,7 +213,7 @@ def resolve_shards(wds, urls) -> list[Shard]:
     shards = []
     for u in expanded:
         n = known.get(os.path.normpath(os.path.abspath(u))) if _is_local(u) else None
-        shards.append(Shard(u, n if n is not None else count_samples(wds, u)))
+        shards.append(Shard(u, n if n is not None else count_samples(u)))
     return _nonempty(shards, pattern)
 
 
@@ -238,7 +236,7 @@ def _warn_handler(url: str, stats: Counter) -> Callable[[Exception], bool]:
     return handler
 
 
-def _read_shard(wds, url: str, offset: int, n: int, count: int, io_stats: Counter):
+def _read_shard(url: str, offset: int, n: int, count: int, io_stats: Counter):
     """Yield exactly `n` items: the shard's samples offset..offset+n-1, None for each missing one.
 
     Samples before `offset` are read as bytes and dropped (never decoded).
@@ -286,7 +284,6 @@ def _mix(*xs: int) -> int:
 class _Plan:
     """What one rank reads in one pass; picklable, handed to DataLoader workers."""
 
-    wds: Any
     urls: list[str]
     counts: list[int]
     order: list[int]  # shard order of this epoch (epoch mode)
@@ -326,7 +323,7 @@ class _Plan:
             off = i - starts[s]
             n = counts[s] - off
             url = self.urls[self.order[s]]
-            for sample in _read_shard(self.wds, url, off, n, counts[s], io_stats):
+            for sample in _read_shard(url, off, n, counts[s], io_stats):
                 yield v, sample
                 v += 1
 
@@ -338,7 +335,7 @@ class _Plan:
             c = self.counts[s]
             if pos + c > p:
                 off = max(0, p - pos)
-                for sample in _read_shard(self.wds, self.urls[s], off, c - off, c, io_stats):
+                for sample in _read_shard(self.urls[s], off, c - off, c, io_stats):
                     yield pos + off, sample
                     off += 1
             pos += c
@@ -433,16 +430,6 @@ class _Plan:
         return item
 
 
-class _ModuleRef:
-    """The injected webdataset module; pickled by name for spawned DataLoader workers."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __reduce__(self):
-        return (importlib.import_module, (self.module.__name__,))
-
-
 class _RankDataset(torch.utils.data.IterableDataset):
     def __init__(self, plan: _Plan):
         self.plan = plan
@@ -451,8 +438,6 @@ class _RankDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         slot = (self.plan.first_slot + worker) % self.plan.num_slots
-        if isinstance(self.plan.wds, _ModuleRef):
-            self.plan.wds = self.plan.wds.module
         return self.plan.batches(slot)
 
 
@@ -468,7 +453,6 @@ class StreamLoader:
 
     def __init__(
         self,
-        wds,
         shards: list[Shard],
         *,
         decode: Callable[[dict], Any],
@@ -496,7 +480,6 @@ class StreamLoader:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if batches_per_epoch is not None and batches_per_epoch < 1:
             raise ValueError(f"batches_per_epoch must be >= 1 or None, got {batches_per_epoch}")
-        self.wds = wds
         self.shards = list(shards)
         self.decode = decode
         self.batch_size = batch_size
@@ -622,7 +605,6 @@ class StreamLoader:
             order, main, start = [], [math.inf] * k_slots, [0] * k_slots
         positions = [self._positions.get(k, slot_done[k] * b) for k in range(k_slots)]
         return _Plan(
-            wds=self.wds,
             urls=[s.url for s in self.shards],
             counts=[s.num_samples for s in self.shards],
             order=order,
@@ -651,7 +633,6 @@ class StreamLoader:
         if self.num_workers == 0:
             source = plan.batches(0)
         else:
-            plan.wds = _ModuleRef(self.wds)
             loader = torch.utils.data.DataLoader(
                 _RankDataset(plan),
                 batch_size=None,
@@ -691,7 +672,6 @@ class StreamLoader:
 
 
 def build_stream(
-    wds,
     urls,
     *,
     decode: Callable[[dict], Any],
@@ -716,9 +696,8 @@ def build_stream(
         rank = dist.get_rank() if initialised else 0
     if world_size is None:
         world_size = dist.get_world_size() if initialised else 1
-    shards = resolve_shards(wds, urls)
+    shards = resolve_shards(urls)
     return StreamLoader(
-        wds,
         shards,
         decode=decode,
         batch_size=batch_size,

@@ -36,9 +36,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sapiens_lite.data import _body
 from sapiens_lite.errors import UserError
 from sapiens_lite.keypoints import canonical_name, get_scheme
+from sapiens_train import _body
 
 SHIFT = 4  # cv2 fixed-point bits: sub-pixel drawing, coordinates are multiplied by 16
 _ONE = 1 << SHIFT
@@ -601,7 +601,7 @@ def synthesize(
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **ann})
     doc = {
         "info": {
-            "description": "sapiens-toolkit procedural people (sapiens_lite.data.synth)",
+            "description": "sapiens-toolkit procedural people (sapiens_train.synth)",
             "keypoint_scheme": scheme,
             "seed": seed,
             "size": [h, w],
