@@ -133,12 +133,13 @@ def model_config(path_or_repo: str | os.PathLike, *, revision: str | None = None
 
 
 def backbone_config(path_or_repo: str | os.PathLike, *, revision: str | None = None) -> ViTConfig | None:
-    """The `ViTConfig` of the backbone a checkpoint of ours holds (a backbone or a pose model's), else None."""
+    """The (resolved) `ViTConfig` of the backbone a checkpoint of ours holds (a backbone or a pose model's),
+    else None."""
     found = model_config(path_or_repo, revision=revision)
     if found is None:
         return None
     _, cfg = found
-    return cfg.backbone if isinstance(cfg, PoseConfig) else cfg
+    return (cfg.backbone if isinstance(cfg, PoseConfig) else cfg).resolved()
 
 
 # ---- loading ----------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def load_pose_model(
         model = PoseModel(config)
         init_from(model, path_or_repo, revision=revision)
         return model.eval()
-    model = load_model(path_or_repo, revision=revision, scheme=expected_scheme)
+    model = load_model(path_or_repo, revision=revision)
     if not isinstance(model, PoseModel):
         raise UserError(f"{path_or_repo}: holds a backbone, not a pose model (no keypoint head)")
     if expected_scheme is not None and model.scheme.name != _scheme_name(expected_scheme):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from finetune.config import FinetuneConfig
 from sapiens_lite.config import load_config
@@ -135,6 +136,92 @@ def test_bad_init_paths_are_user_errors(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="export-backbone"):
         locate(str(tmp_path / "run"))
+
+
+def _custom_backbone(folder, cls_token=True) -> VisionTransformer:
+    """A backbone of a size no arch table holds (48 wide, 3 deep, 3 heads), saved as a run's backbone/."""
+    torch.manual_seed(2)
+    vit = VisionTransformer(
+        ViTConfig("custom", img_size=(64, 64), embed_dim=48, depth=3, num_heads=3, cls_token=cls_token)
+    )
+    vit.save_pretrained(folder)
+    return vit
+
+
+def test_the_init_checkpoint_brings_its_backbone_shape(tmp_path):
+    """init.path names a run dir / folder of ours: model.backbone takes its arch unless the config sets it."""
+    vit = _custom_backbone(tmp_path / "run" / "backbone")
+    size = ["model.input_size=[64, 48]", "model.backbone.img_size=[64, 48]"]
+    cfg = load_config(FinetuneConfig, [], [f"init.path={tmp_path / 'run'}", *size])
+    b = cfg.model.backbone
+    assert (b.arch, b.embed_dim, b.depth, b.num_heads) == ("custom", 48, 3, 3)
+    assert not b.cls_token and b.img_size == (64, 48)  # not inherited: the fine-tuning's own choices
+    model = PoseModel(cfg.model)
+    init_from(model, str(tmp_path / "run"))  # the weights fit the derived shape
+    torch.testing.assert_close(model.backbone.blocks[2].attn.proj.weight, vit.blocks[2].attn.proj.weight)
+    # The same values set by the user agree: fine.
+    same = load_config(FinetuneConfig, [], [f"init.path={tmp_path / 'run'}", "model.backbone.depth=3", *size])
+    assert same.model.backbone == cfg.model.backbone
+    # A conflict the user did set is one clear line naming both sides.
+    with pytest.raises(
+        ConfigError, match=r"does not fit init.path .*run \(custom\): depth=2 \(checkpoint 3\)"
+    ):
+        load_config(FinetuneConfig, [], [f"init.path={tmp_path / 'run'}", "model.backbone.depth=2", *size])
+    with pytest.raises(ConfigError, match=r"model.backbone \(vit_test\).*embed_dim=64 \(checkpoint 48\)"):
+        load_config(
+            FinetuneConfig, [], [f"init.path={tmp_path / 'run'}", "model.backbone.arch=vit_test", *size]
+        )
+    # A foreign file says nothing about its shape until converted: the config decides, as before.
+    cfg = load_config(FinetuneConfig, [], [f"init.path={tmp_path / 'x.pth'}"])
+    assert cfg.model.backbone.arch == "vit_test"
+
+
+def test_the_tiny_pretraining_run_starts_the_tiny_fine_tuning_config(tmp_path):
+    """The README's chain: configs/pretrain/tiny_cpu.yaml's encoder, exported as the run's backbone/ (what
+    `sapiens pretrain` writes), starts configs/finetune/tiny_cpu_coco17.yaml with no extra setting."""
+    import dataclasses
+
+    from pretrain.config import PretrainConfig
+
+    enc = load_config(PretrainConfig, [ROOT / "configs/pretrain/tiny_cpu.yaml"]).model.encoder
+    VisionTransformer(dataclasses.replace(enc, pos_embed="learned")).save_pretrained(
+        tmp_path / "run" / "backbone"
+    )
+    cfg = load_config(
+        FinetuneConfig, [ROOT / "configs/finetune/tiny_cpu_coco17.yaml"], [f"init.path={tmp_path / 'run'}"]
+    )
+    init_from(PoseModel(cfg.model), str(tmp_path / "run"))
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    from sapiens_lite.cli import main as sapiens
+    from sapiens_train.synth import synthesize
+
+    ann = synthesize(
+        tmp_path / "data", 6, seed=0, size=(96, 72), scheme="coco17", people=(1, 1), progress=False
+    )
+    _custom_backbone(tmp_path / "run" / "backbone")
+    args = [
+        "finetune",
+        "--dry-run",
+        f"data.train_ann={ann}",
+        f"data.train_images={ann.parent / 'images'}",
+        f"init.path={tmp_path / 'run'}",
+        "model.input_size=[64, 48]",
+        "model.backbone.img_size=[64, 48]",
+        f"engine.run_dir={tmp_path / 'ft'}",
+        "engine.micro_batch_size=2",
+        "engine.total_steps=10",
+        "optim.warmup_steps=1",
+    ]
+    assert sapiens(args) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out.split("# resolved config\n")[1].split("# DeepSpeed config")[0])
+    assert resolved["model"]["backbone"]["embed_dim"] == 48  # from the init checkpoint
+    assert '"train_batch_size": 2' in out
+    assert "layer_4_decay" in out and "lr_scale=0.85" in out  # layer-wise decay over 3 blocks + head
+    assert "6 people" in out and "steps = 3.33 epochs" in out
+    assert not (tmp_path / "ft").exists()
 
 
 # ---- a real (short) training run ----------------------------------------------------------------

@@ -46,7 +46,11 @@ def test_synth_pack_then_pretrain_from_the_shards(tmp_path):
     assert "40" in r.stdout and (tmp_path / "sheet.png").stat().st_size > 0
 
     cfg = {
-        "model": {"encoder": {"arch": "vit_test"}, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+        "model": {
+            # a size no arch table holds: fine-tuning must take it from the run (its config names no arch)
+            "encoder": {"arch": "custom", "embed_dim": 48, "depth": 3, "num_heads": 3},
+            "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2,
+        },
         "data": {"img_size": [64, 48], "num_workers": 2, "shuffle_buffer": 8},
         "engine": {
             "run_dir": str(run), "total_steps": 6, "micro_batch_size": 4, "checkpoint_every": 3,
@@ -69,7 +73,7 @@ def test_synth_pack_then_pretrain_from_the_shards(tmp_path):
     ft_cfg = {
         "model": {
             "scheme": "goliath308", "input_size": [64, 48], "sigma": 2.0,
-            "backbone": {"arch": "vit_test", "img_size": [64, 48]}, "head": {"kind": "simple"},
+            "backbone": {"img_size": [64, 48]}, "head": {"kind": "simple"},
         },
         "data": {
             "train_ann": str(synth / "annotations.json"), "train_images": str(synth / "images"),
@@ -86,6 +90,8 @@ def test_synth_pack_then_pretrain_from_the_shards(tmp_path):
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(ft_cfg))
     r = sapiens("finetune", "--config", str(tmp_path / "ft.yaml"))
     assert f"backbone {run / 'backbone'}" in r.stdout, r.stdout[-2000:]
+    ft_config = yaml.safe_load((ft / "config.yaml").read_text())["model"]["backbone"]
+    assert (ft_config["arch"], ft_config["embed_dim"], ft_config["depth"]) == ("custom", 48, 3)
     out = tmp_path / "eval"
     sapiens(
         "eval",

@@ -16,6 +16,7 @@ from pretrain.config import PretrainConfig
 from pretrain.mae import mae_forward_flops
 from sapiens_lite.cli import main as sapiens
 from sapiens_lite.config import load_config
+from sapiens_lite.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 
@@ -205,3 +206,13 @@ def test_compiled_smoke_run_without_checkpoints(tmp_path, capsys):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and all(r["mem_gib"] > 0 for r in log)
     assert not (run / "checkpoints").exists() and not (run / "backbone").exists()
+
+
+def test_encoder_size_follows_the_data_or_must_agree():
+    """data.img_size is the one place the resolution is set; a different model.encoder.img_size is an error."""
+    cfg = load_config(PretrainConfig, [], ["data.img_size=[128, 96]", "model.encoder.img_size=[128, 96]"])
+    assert cfg.model.encoder.img_size == (128, 96)
+    with pytest.raises(
+        ConfigError, match=r"model.encoder.img_size \[64, 48\] differs from data.img_size \[128, 96\]"
+    ):
+        load_config(PretrainConfig, [], ["data.img_size=[128, 96]", "model.encoder.img_size=[64, 48]"])

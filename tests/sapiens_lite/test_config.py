@@ -169,3 +169,47 @@ def test_bad_files_are_user_errors(tmp_path):
 def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
     assert load_config(Run, [], ["optim.lr=5e-4"]).optim.lr == 5e-4
     assert load_config(Run, [write(tmp_path, "lr.yaml", "optim:\n  lr: 1e-3\n")]).optim.lr == 1e-3
+
+
+@dataclass
+class Engine:
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = 0
+
+    def __post_init__(self):
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("precision='bf16' needs zero_stage >= 1")
+
+
+@dataclass
+class Trainer:
+    engine: Engine = field(default_factory=Engine)
+    data_size: int = 64
+    model: Model = field(default_factory=Model)
+    seen: tuple[str, ...] = ()
+
+    def finalize(self, explicit: frozenset[str]) -> Trainer:
+        # record what the user set, so the test can see finalize's input
+        return Trainer(self.engine, self.data_size, self.model, tuple(sorted(explicit)))
+
+
+def test_checks_run_once_on_the_merged_config(tmp_path):
+    """A cross-field check sees the final values: the first file alone would fail it, the merge does not."""
+    a = write(tmp_path, "a.yaml", "engine: {precision: bf16}\n")
+    b = write(tmp_path, "b.yaml", "engine: {zero_stage: 2}\n")
+    cfg = load_config(Trainer, [a, b])
+    assert cfg.engine == Engine("bf16", 2)
+    cfg = load_config(Trainer, [a], ["engine.zero_stage=1"])
+    assert cfg.engine == Engine("bf16", 1)
+    with pytest.raises(ConfigError, match="needs zero_stage"):
+        load_config(Trainer, [a])
+    # The file is still named when one layer holds an unknown key, before any merge.
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'engine\.stage'"):
+        load_config(Trainer, [a, write(tmp_path, "c.yaml", "engine: {stage: 2}\n")])
+
+
+def test_finalize_gets_the_keys_the_user_set(tmp_path):
+    a = write(tmp_path, "a.yaml", "model: {depth: 3, img_size: [32, 16]}\n")
+    cfg = load_config(Trainer, [a], ["data_size=8"])
+    assert cfg.seen == ("data_size", "model.depth", "model.img_size")
+    assert load_config(Trainer).seen == ()
