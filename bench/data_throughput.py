@@ -10,7 +10,7 @@ over the SAME images in the same run, at 224x224 and 1024x768, batch 8:
 
 It also times candidate decoders for the MAE crop on in-memory bytes (ours: PIL decode with `draft` +
 OpenCV crop/resize; PIL alone; OpenCV alone with IMREAD_REDUCED_*; torchvision.io.decode_jpeg +
-resized_crop), the measurement behind the choice stated in sapiens_lite/data/transforms.py.
+resized_crop), the measurement behind the choice stated in sapiens_train/transforms.py.
 
 Images: scikit-image's sample photos (astronaut, coffee, chelsea, rocket, camera, ...) resized to 1280x960
 with mild sensor-like noise, so their JPEG size (about 0.3 MB at quality 90) is that of a real

@@ -7,7 +7,7 @@
     sapiens data inspect SHARDS_OR_INDEX [--out sheet.png]      counts + a contact sheet with keypoints
 
 Heavy modules (webdataset, the synthesizer) are imported in the handlers, so `sapiens data --help`
-stays fast. See pretrain/shards.py for the shard format and how resuming works.
+stays fast. See sapiens_train/shards.py for the shard format and how resuming works.
 """
 
 from __future__ import annotations

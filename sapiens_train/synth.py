@@ -627,7 +627,7 @@ def synthesize(
 
 
 # ----------------------------------------------------------------------------------------------------
-# command line (wired as `sapiens data synth` in pretrain/data_cli.py)
+# command line (wired as `sapiens data synth` in sapiens_train/data_cli.py)
 
 
 def _size(text: str) -> tuple[int, int]:
