@@ -122,7 +122,7 @@ def init_model(model: PoseModel, init: InitConfig) -> str:
     conv = convert_state_dict(load_checkpoint_file(path))
     with_head = conv.head is not None and init.load_head
     if with_head:
-        _check_head(conv.hints.head["num_keypoints"], model.config, path)
+        _check_head(conv.hints.head.num_keypoints, model.config, path)
         _load_head(model, conv.head, path)
     _load_converted_backbone(model, conv)
     return f"{conv.source} checkpoint {path} (backbone{' + head' if with_head else ''})"
