@@ -9,7 +9,9 @@ source in `SOURCES` by its signature keys (or take `source=`), run that source's
 per source: a declarative key map + explicit transforms), then check the exact key set and shapes
 against the model the checkpoint describes. `adapt_to` fits the backbone to another `ViTConfig`:
 it drops the cls slot of the position embedding when the target has no cls token and resamples the
-grid (bicubic, timm's `resample_abs_pos_embed`) when the target grid differs.
+grid (bicubic, timm's `resample_abs_pos_embed`) when the target grid differs. `build_model` builds
+what the checkpoint holds: `build_pose_model` when it has a pose head, else `build_backbone`.
+Files, transformers folders and Hub repos are read by `read.py` (`read_checkpoint`), which calls this.
 """
 
 from __future__ import annotations
@@ -182,29 +184,17 @@ def build_backbone(conv: Converted, **overrides):
     return _materialise(lambda: VisionTransformer(cfg), adapt_to(conv, cfg))
 
 
-# Keypoint count of a head -> our keypoint scheme (sapiens_lite.keypoints).
-SCHEME_BY_NUM_KEYPOINTS = {17: "coco17", 133: "coco_wholebody133", 308: "goliath308"}
-
-
 def head_config(conv: Converted):
     """`HeadConfig` of the converted pose head (kind and width read off the weights)."""
     from sapiens_lite.models.pose import HeadConfig
 
-    h = conv.hints.head
-    widths = set(h.get("deconv_out_channels", ())) | set(h.get("conv_out_channels", ()))
-    if len(widths) > 1:
-        raise UserError(f"{conv.source}: head layers of different widths {sorted(widths)} are not supported")
-    if any(k != 4 for k in h.get("deconv_kernel_sizes", ())) or any(
-        k != 1 for k in h.get("conv_kernel_sizes", ())
-    ):
-        raise UserError(f"{conv.source}: only 4x4 deconvs and 1x1 convs are supported in the head, got {h}")
-    return HeadConfig(kind=h["kind"], channels=widths.pop() if widths else None)
+    return HeadConfig(kind=conv.hints.head.kind, channels=conv.hints.head.channels)
 
 
 def _build_head(conv: Converted):
     from sapiens_lite.models.pose import build_head
 
-    return build_head(head_config(conv), conv.hints.embed_dim, conv.hints.head["num_keypoints"])
+    return build_head(head_config(conv), conv.hints.embed_dim, conv.hints.head.num_keypoints)
 
 
 def build_pose_model(conv: Converted, *, scheme: str | None = None, **backbone_overrides):
@@ -212,18 +202,19 @@ def build_pose_model(conv: Converted, *, scheme: str | None = None, **backbone_o
 
     scheme: keypoint scheme; by default the one with the head's number of keypoints (17 / 133 / 308).
     """
+    from sapiens_lite.keypoints import scheme_for_num_keypoints
     from sapiens_lite.models.pose import PoseConfig, PoseModel, check_head_keypoints
     from sapiens_lite.models.vit import ViTConfig
 
     if conv.head is None:
         raise UserError(f"{conv.source}: the checkpoint has no pose head")
-    k = conv.hints.head["num_keypoints"]
     if scheme is None:
-        if k not in SCHEME_BY_NUM_KEYPOINTS:
+        try:
+            scheme = scheme_for_num_keypoints(conv.hints.head.num_keypoints).name
+        except UserError as e:
             raise UserError(
-                f"{conv.source}: no keypoint scheme has {k} keypoints; known: {SCHEME_BY_NUM_KEYPOINTS}"
-            )
-        scheme = SCHEME_BY_NUM_KEYPOINTS[k]
+                f"{conv.source}: the pose head predicts {conv.hints.head.num_keypoints} heatmaps; {e}"
+            ) from None
     try:
         backbone = ViTConfig(**_vit_kwargs(conv, backbone_overrides))
         cfg = PoseConfig(
@@ -236,6 +227,23 @@ def build_pose_model(conv: Converted, *, scheme: str | None = None, **backbone_o
     check_head_keypoints(sd, cfg, conv.source)  # a clearer message than the shape mismatch below
     check_keys(sd, model_shapes(lambda: PoseModel(cfg)), f"{conv.source}: pose model")
     return _materialise(lambda: PoseModel(cfg), sd)
+
+
+def build_model(conv: Converted, *, arch: str | None = None, scheme: str | None = None, **vit_overrides):
+    """The model a converted checkpoint describes, in eval mode: a `PoseModel` when it has a pose head,
+    else a `VisionTransformer` (an MAE decoder is not kept).
+
+    arch: name the backbone's arch (a key of `ARCHS`) instead of taking it from the hints.
+    scheme: keypoint scheme of a pose head (default: the one with its keypoint count); refused without one.
+    vit_overrides: other `ViTConfig` fields (img_size, cls_token, ...), fitted as `adapt_to` allows.
+    """
+    if arch is not None:
+        vit_overrides["arch"] = arch
+    if conv.head is not None:
+        return build_pose_model(conv, scheme=scheme, **vit_overrides)
+    if scheme is not None:
+        raise UserError(f"{conv.source}: scheme={scheme!r} given, but the checkpoint has no pose head")
+    return build_backbone(conv, **vit_overrides)
 
 
 def _materialise(build, sd: dict[str, torch.Tensor]):
@@ -260,7 +268,7 @@ def _vit_kwargs(conv: Converted, overrides: dict) -> dict:
     if kw.get("num_heads", 0) is None:
         raise UserError(
             f"{conv.source}: no arch has embed_dim={conv.hints.embed_dim}, depth={conv.hints.depth}; "
-            "the number of heads can't be read from weights: name the arch (--arch) or pass num_heads"
+            "the number of heads can't be read from weights: pass num_heads (--num-heads N)"
         )
     return kw
 
@@ -281,5 +289,6 @@ __all__ = [
     "adapt_to",
     "build_backbone",
     "build_pose_model",
+    "build_model",
     "head_config",
 ]

@@ -63,6 +63,8 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     """Stochastic depth, rising linearly from 0 at the first block to this value at the last."""
     final_norm: bool = True
+    norm_eps: float = 1e-6
+    """eps of every LayerNorm: 1e-6 in timm / MAE / Sapiens; transformers' ViTs default to 1e-12."""
     grad_checkpointing: bool = False
     """Recompute each block in the backward pass (saves activation memory, costs one more forward)."""
 
@@ -76,6 +78,8 @@ class ViTConfig:
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.patch_padding < 0 or 2 * self.patch_padding >= self.patch_size:
             raise ValueError(f"patch_padding must be in [0, patch_size/2), got {self.patch_padding}")
         if self.arch not in ARCHS and None in (self.embed_dim, self.depth, self.num_heads):
@@ -131,7 +135,7 @@ class VisionTransformer(nn.Module, HubMixin):
 
         # plain floats: torch.linspace would land on the meta device inside `with torch.device("meta")`
         drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(
             Block(
                 cfg.embed_dim,
