@@ -271,6 +271,13 @@ def resolve_checkpoint_folder(
     return Path(folder)
 
 
+def is_our_config(info) -> bool:
+    """A parsed config.json written by this library's `save_pretrained` (any model_type, any version)."""
+    if not isinstance(info, dict):
+        return False
+    return info.get("library") == LIBRARY_NAME or {"model_type", "config", "format_version"} <= set(info)
+
+
 def read_checkpoint_config(folder: str | os.PathLike, expected_model_type: str | None = None) -> dict:
     """Read and check `config.json` of a checkpoint folder."""
     path = Path(folder) / CONFIG_NAME

@@ -133,6 +133,20 @@ def convert_state_dict(
     return conv
 
 
+def check_fits(
+    conv: Converted, cfg, *, checkpoint: str | None = None, target: str = "the target config"
+) -> None:
+    """UserError unless the converted backbone's width, depth and patch size are those of `cfg` (a `ViTConfig`):
+    the weights' shapes, which no resampling changes."""
+    cfg = cfg.resolved()
+    for name in ("embed_dim", "depth", "patch_size"):
+        ours, theirs = getattr(cfg, name), getattr(conv.hints, name)
+        if ours != theirs:
+            raise UserError(
+                f"{checkpoint or conv.source}: checkpoint has {name}={theirs}, {target} ({cfg.arch}) has {name}={ours}"
+            )
+
+
 def adapt_to(conv: Converted, cfg) -> dict[str, torch.Tensor]:
     """The converted backbone as a state dict for `VisionTransformer(cfg)` (a `ViTConfig`).
 
@@ -145,22 +159,14 @@ def adapt_to(conv: Converted, cfg) -> dict[str, torch.Tensor]:
 
     cfg = cfg.resolved()
     h = conv.hints
-    for name, ours, theirs in [
-        ("embed_dim", cfg.embed_dim, h.embed_dim),
-        ("depth", cfg.depth, h.depth),
-        ("patch_size", cfg.patch_size, h.patch_size),
-    ]:
-        if ours != theirs:
-            raise UserError(f"{conv.source}: checkpoint has {name}={theirs}, the target config {name}={ours}")
+    check_fits(conv, cfg)
     if cfg.cls_token and not h.cls_token:
         raise UserError(f"{conv.source}: the target has a cls token, the checkpoint has none to give it")
 
     sd = dict(conv.backbone)
     pos = sd["pos_embed"]  # [1, (1) + gh*gw, C]
     patches = pos[:, 1:] if h.cls_token else pos  # [1, gh*gw, C]
-    k, p = cfg.patch_size, cfg.patch_padding
-    grid = tuple((s + 2 * p - k) // k + 1 for s in cfg.img_size)
-    patches = resample_pos_embed(patches, grid, h.grid, num_prefix_tokens=0)  # [1, nh*nw, C]
+    patches = resample_pos_embed(patches, cfg.grid_size, h.grid, num_prefix_tokens=0)  # [1, nh*nw, C]
     if cfg.cls_token:
         sd["pos_embed"] = torch.cat([pos[:, :1], patches], dim=1)
     else:

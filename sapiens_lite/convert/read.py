@@ -35,7 +35,7 @@ from sapiens_lite.convert.common import Converted
 from sapiens_lite.convert.core import convert_state_dict, detect_source, unwrap
 from sapiens_lite.convert.safe_load import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, load_checkpoint_file
 from sapiens_lite.errors import UserError
-from sapiens_lite.hub import CONFIG_NAME, LIBRARY_NAME, resolve_checkpoint_folder
+from sapiens_lite.hub import CONFIG_NAME, LIBRARY_NAME, is_our_config, resolve_checkpoint_folder
 
 # Weights of a foreign folder, (single file, shard index), in order of preference: safetensors hold no code.
 WEIGHT_FILES = (
@@ -53,8 +53,6 @@ SOURCE_BY_MODEL_TYPE = {
     "vitpose": "transformers_vitpose",
     "vitpose_backbone": "transformers_vitpose",
 }
-# `model_type` of our checkpoint folders (sapiens_lite.models: VisionTransformer, PoseModel).
-OUR_MODEL_TYPES = ("vit", "pose")
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -143,17 +141,8 @@ def is_foreign_folder(path: str | os.PathLike) -> bool:
             info = json.loads((folder / CONFIG_NAME).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return True  # not ours; read_checkpoint names the problem
-        return not is_ours(info)
+        return not is_our_config(info)
     return _has_weights(folder)
-
-
-def is_ours(info) -> bool:
-    """A config.json (parsed) written by this library's `save_pretrained`."""
-    if not isinstance(info, dict):
-        return False
-    return info.get("library") == LIBRARY_NAME or (
-        info.get("model_type") in OUR_MODEL_TYPES and "format_version" in info
-    )
 
 
 def is_repo_id(target: str) -> bool:
@@ -172,7 +161,7 @@ def _fetch(repo_id: str, revision: str | None) -> Path:
             folder = resolve_checkpoint_folder(repo_id, revision=revision, allow_patterns=patterns)
         except UserError as e:
             raise UserError(f"{repo_id}: no such local file or folder, and as a Hub repo: {e}") from None
-        if _has_weights(folder) or is_ours(_json_or_none(folder / CONFIG_NAME)):
+        if _has_weights(folder) or is_our_config(_json_or_none(folder / CONFIG_NAME)):
             return folder
     return folder  # load_folder_weights says what is missing
 
@@ -223,7 +212,7 @@ def read_foreign_config(folder: str | os.PathLike) -> ForeignConfig | None:
     info = _read_json(path)
     if not isinstance(info, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(info).__name__}")
-    if is_ours(info):
+    if is_our_config(info):
         raise UserError(
             f"{folder}: already a {LIBRARY_NAME} checkpoint ({info.get('model_type')!r} model); "
             "load it with from_pretrained, there is nothing to convert"
@@ -363,7 +352,6 @@ __all__ = [
     "HUB_PATTERNS",
     "WEIGHT_FILES",
     "is_foreign_folder",
-    "is_ours",
     "is_repo_id",
     "load_folder_weights",
     "read_checkpoint",
