@@ -149,6 +149,7 @@ SHAPE_FIELDS = (
     "mlp_ratio",
     "qkv_bias",
     "final_norm",
+    "norm_eps",
 )
 
 

@@ -82,7 +82,7 @@ def validate(cfg: PretrainConfig) -> dict:
 
 def _load_init(cfg: PretrainConfig) -> dict:
     """Read the init checkpoint and check that it fits the encoder, without building the model."""
-    from sapiens_lite.convert import convert_state_dict, load_checkpoint_file
+    from sapiens_lite.convert import check_fits, convert_state_dict, load_checkpoint_file
 
     path = Path(cfg.init.checkpoint)
     if not path.is_file():
@@ -93,14 +93,8 @@ def _load_init(cfg: PretrainConfig) -> dict:
         raise
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"init.checkpoint: cannot read {path} ({type(e).__name__}: {e})") from None
-    hints = convert_state_dict(sd, source=cfg.init.source).hints
-    enc = cfg.model.encoder.resolved()
-    for name in ("embed_dim", "depth", "patch_size"):
-        if getattr(hints, name) != getattr(enc, name):
-            raise UserError(
-                f"init.checkpoint {path} has {name}={getattr(hints, name)}, "
-                f"model.encoder ({enc.arch}) has {name}={getattr(enc, name)}"
-            )
+    conv = convert_state_dict(sd, source=cfg.init.source)
+    check_fits(conv, cfg.model.encoder, checkpoint=f"init.checkpoint {path}", target="model.encoder")
     return sd
 
 

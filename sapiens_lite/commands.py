@@ -79,18 +79,30 @@ def add_convert_command(sub) -> None:
         description=(
             "Convert a Sapiens (.pth), facebookresearch/mae, timm or transformers (ViTMAE, VitPose) checkpoint "
             "into a folder with config.json + model.safetensors: a backbone, or a pose model when the "
-            "checkpoint has a pose head. .pth files are read with torch.load(weights_only=True)."
+            "checkpoint has a pose head. SRC is a checkpoint file, a folder as transformers' save_pretrained "
+            "writes it (config.json + model.safetensors, shards, or pytorch_model.bin), or a Hugging Face Hub "
+            "repo id (fetched through the HF cache; HF_HUB_OFFLINE=1 uses the cache only). .pth/.bin files "
+            "are read with torch.load(weights_only=True)."
         ),
     )
-    p.add_argument("src", help="checkpoint file: .pth / .pt / .bin / .ckpt / .safetensors")
+    p.add_argument(
+        "src", help="checkpoint file (.pth/.pt/.bin/.ckpt/.safetensors), transformers folder, or Hub repo id"
+    )
     p.add_argument("dst", help="output folder (created; files in it are replaced)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo (default: main)")
     p.add_argument(
         "--source",
         default=None,
         help="force the format (sapiens_pretrain, sapiens_pose, mae, timm, transformers_vitmae, "
         "transformers_vitpose) instead of recognising it from the keys",
     )
-    p.add_argument("--arch", default=None, help="arch of the backbone (needed when its size is not in ARCHS)")
+    p.add_argument("--arch", default=None, help="arch of the backbone (default: from its width and depth)")
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="attention heads of a backbone whose size is in no arch table (read from config.json if any)",
+    )
     p.add_argument(
         "--grid", default=None, help="GHxGW patch grid of the position embedding if neither square nor 4:3"
     )
@@ -101,12 +113,7 @@ def add_convert_command(sub) -> None:
 
 
 def run_convert(args) -> int:
-    from sapiens_lite.convert import (
-        build_backbone,
-        build_pose_model,
-        convert_state_dict,
-        load_checkpoint_file,
-    )
+    from sapiens_lite.convert import build_model, read_checkpoint
     from sapiens_lite.errors import UserError
 
     grid = None
@@ -117,20 +124,24 @@ def run_convert(args) -> int:
             grid = ()
         if len(grid) != 2:
             raise UserError(f"--grid must look like 64x48, got {args.grid!r}")
-    overrides = {"arch": args.arch} if args.arch else {}
-    conv = convert_state_dict(load_checkpoint_file(args.src), source=args.source, grid=grid)
-    if conv.head is not None:
-        model = build_pose_model(conv, scheme=args.scheme, **overrides)
-        what = f"pose model ({conv.hints.head['kind']} head, {conv.hints.head['num_keypoints']} keypoints)"
-    else:
-        model = build_backbone(conv, **overrides)
-        what = "backbone" + (" (MAE decoder not kept)" if conv.decoder is not None else "")
-    model.save_pretrained(
-        args.dst, metadata={"converted_from": {"source": conv.source, "file": str(args.src)}}
+    conv = read_checkpoint(
+        args.src, revision=args.revision, source=args.source, grid=grid, num_heads=args.num_heads
     )
-    cfg = model.config if conv.head is None else model.config.backbone
+    model = build_model(conv, arch=args.arch, scheme=args.scheme)
+    if conv.head is not None:
+        what = f"pose model ({conv.hints.head.kind} head, {conv.hints.head.num_keypoints} keypoints)"
+    else:
+        what = "backbone" + (" (MAE decoder not kept)" if conv.decoder is not None else "")
+    origin = {"source": conv.source, "checkpoint": str(args.src)}
+    if args.revision is not None:
+        origin["revision"] = args.revision
+    model.save_pretrained(args.dst, metadata={"converted_from": origin})
+    for note in conv.notes:
+        print(f"note: {note}")
+    cfg = model.config if conv.head is None else model.backbone.config  # resolved: sizes filled in
     print(
-        f"{args.src} [{conv.source}] -> {args.dst}: {what}, arch {cfg.arch}, img_size {tuple(cfg.img_size)}, "
-        f"cls_token {cfg.cls_token}, {sum(p.numel() for p in model.parameters()):,} parameters"
+        f"{args.src} [{conv.source}] -> {args.dst}: {what}, arch {cfg.arch} ({cfg.depth} layers, "
+        f"{cfg.num_heads} heads), img_size {tuple(cfg.img_size)}, cls_token {cfg.cls_token}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
     )
     return 0

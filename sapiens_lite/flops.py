@@ -37,7 +37,7 @@ def count_params(cfg: ViTConfig | str) -> int:
     """Number of parameters (trainable or not, the fixed sin-cos pos embed included) of the backbone."""
     cfg = _resolved(cfg)
     c, m, k = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.patch_size
-    gh, gw = _grid(cfg, cfg.img_size)
+    gh, gw = cfg.grid_size
     prefix = 1 if cfg.cls_token else 0
     embed = (c * cfg.in_chans * k * k + c) + prefix * c + (prefix + gh * gw) * c
     qkv = 3 * c * c + (3 * c if cfg.qkv_bias else 0)
@@ -45,16 +45,11 @@ def count_params(cfg: ViTConfig | str) -> int:
     return embed + cfg.depth * block + (2 * c if cfg.final_norm else 0)
 
 
-def _grid(cfg: ViTConfig, img_size: tuple[int, int]) -> tuple[int, int]:
-    k, p = cfg.patch_size, cfg.patch_padding
-    return (img_size[0] + 2 * p - k) // k + 1, (img_size[1] + 2 * p - k) // k + 1
-
-
 def forward_flops(cfg: ViTConfig | str, img_size: tuple[int, int] | None = None) -> float:
     """Forward FLOPs of one image of `img_size` (H, W) (default `cfg.img_size`) through the backbone."""
     cfg = _resolved(cfg)
     k = cfg.patch_size
-    gh, gw = _grid(cfg, img_size or cfg.img_size)
+    gh, gw = cfg.token_grid(img_size or cfg.img_size)
     n = gh * gw + (1 if cfg.cls_token else 0)
     c, m = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
     patch = 2 * gh * gw * c * cfg.in_chans * k * k

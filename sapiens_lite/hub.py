@@ -224,8 +224,12 @@ def resolve_checkpoint_folder(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
+    allow_patterns: list[str] | None = None,
 ) -> Path:
-    """A local checkpoint folder, or the cached snapshot of a Hub repo (downloaded if needed and allowed)."""
+    """A local checkpoint folder, or the cached snapshot of a Hub repo (downloaded if needed and allowed).
+
+    allow_patterns: the repo files to fetch; by default our config.json and safetensors weights.
+    """
     path = Path(repo_id_or_path).expanduser()
     if path.is_dir():
         if revision is not None:
@@ -247,7 +251,11 @@ def resolve_checkpoint_folder(
     where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
     try:
         folder = snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=_HUB_PATTERNS
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            allow_patterns=allow_patterns or _HUB_PATTERNS,
         )
     except HFValidationError:
         raise UserError(f"{repo_id}: no such local folder, and not a valid Hub repo id (org/name)") from None
@@ -261,6 +269,13 @@ def resolve_checkpoint_folder(
             "(offline: HF_HUB_OFFLINE=1, or no connection)"
         ) from None
     return Path(folder)
+
+
+def is_our_config(info) -> bool:
+    """A parsed config.json written by this library's `save_pretrained` (any model_type, any version)."""
+    if not isinstance(info, dict):
+        return False
+    return info.get("library") == LIBRARY_NAME or {"model_type", "config", "format_version"} <= set(info)
 
 
 def read_checkpoint_config(folder: str | os.PathLike, expected_model_type: str | None = None) -> dict:

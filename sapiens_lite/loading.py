@@ -5,10 +5,11 @@
     model = load_model("sapiens_1b_goliath_best.pth")    # any foreign checkpoint `sapiens convert` reads
     init_from(pose_model, "runs/pretrain")               # starting weights for training (grid resampled)
 
-What a path is, in order: a folder of ours (config.json with a `model_type` of `MODEL_CLASSES`); a run
-dir (no config.json, but `final/` or `backbone/` holding one); a checkpoint file (.pth / .pt / .bin /
-.ckpt / .safetensors: converted); any other folder (a transformers `save_pretrained` folder: converted);
-a path that does not exist but reads as `org/name`: a Hub repo (ours by its config.json, else converted).
+What a path is, in order: a folder of ours (config.json written by `save_pretrained`); a run dir (no
+config.json, but `final/` or `backbone/` holding one); a checkpoint file (.pth / .pt / .bin / .ckpt /
+.safetensors) or any other folder (a transformers `save_pretrained` folder): converted with
+`sapiens_lite.convert.read_checkpoint`; a path that does not exist but reads as `org/name`: a Hub repo
+(ours by its config.json, else converted).
 
 `MODEL_CLASSES` is the explicit table from `model_type` to class; a new model family (a student, a dense
 head) adds one line there.
@@ -22,8 +23,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from sapiens_lite.convert import Converted, Hints, adapt_to, build_model, is_foreign_folder, read_checkpoint
+from sapiens_lite.convert.read import is_repo_id
+from sapiens_lite.convert.safe_load import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 from sapiens_lite.errors import UserError
-from sapiens_lite.hub import CONFIG_NAME, LIBRARY_NAME
+from sapiens_lite.hub import CONFIG_NAME, is_our_config
 from sapiens_lite.models.pose import PoseConfig, PoseModel
 from sapiens_lite.models.vit import VisionTransformer, ViTConfig
 
@@ -35,7 +39,7 @@ MODEL_CLASSES: dict[str, type] = {
 # Sub-folders of a run dir that hold its exported model, in order of preference: a fine-tuning or
 # distillation run's final model, then a pretraining run's backbone.
 RUN_DIR_MODELS = ("final", "backbone")
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + SAFETENSORS_SUFFIXES
 
 
 # ---- what a path is ---------------------------------------------------------------------------------
@@ -51,22 +55,20 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _is_ours(info: dict) -> bool:
-    return info.get("model_type") in MODEL_CLASSES and "config" in info
-
-
-def looks_like_repo_id(path: str) -> bool:
-    """`org/name` that is not a local path (Hub repo ids have exactly one slash and no leading . or /)."""
-    return (
-        not Path(path).exists()
-        and not os.path.isabs(path)
-        and not path.startswith(".")
-        and path.count("/") == 1
-    )
+def _model_class(info: dict, where) -> type:
+    """The class for a config.json of ours (a model type this version does not know is an error)."""
+    cls = MODEL_CLASSES.get(info.get("model_type"))
+    if cls is None:
+        raise UserError(
+            f"{where}: a {info.get('model_type')!r} model, which this version cannot load "
+            f"(known: {', '.join(MODEL_CLASSES)}); upgrade sapiens-toolkit"
+        )
+    return cls
 
 
 def locate(path_or_repo: str | os.PathLike, *, revision: str | None = None) -> tuple[str, str]:
-    """(kind, where): kind is "ours" (a folder of ours), "file" or "foreign" (converted), "hub" (a repo id).
+    """(kind, where): kind is "ours" (a folder of ours), "file" or "foreign" (a file / folder to convert), or
+    "hub" (a repo id).
 
     A run dir resolves to the folder of its exported model. Raises UserError for a path that is none of these.
     """
@@ -75,13 +77,13 @@ def locate(path_or_repo: str | os.PathLike, *, revision: str | None = None) -> t
     if path.is_file():
         if path.suffix.lower() in CHECKPOINT_SUFFIXES:
             return "file", str(path)
-        raise UserError(f"{path}: a file, but not a checkpoint (.pth, .pt, .bin, .ckpt, .safetensors)")
+        raise UserError(f"{path}: a file, but not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
     if path.is_dir():
         if revision is not None:
             raise UserError(f"{path}: revision={revision!r} applies to Hub repos, not to a local folder")
         if (path / CONFIG_NAME).is_file():
             info = _read_json(path / CONFIG_NAME)
-            return ("ours" if _is_ours(info) else "foreign"), str(path)
+            return ("ours" if is_our_config(info) else "foreign"), str(path)
         for sub in RUN_DIR_MODELS:
             if (path / sub / CONFIG_NAME).is_file():
                 return "ours", str(path / sub)
@@ -90,10 +92,12 @@ def locate(path_or_repo: str | os.PathLike, *, revision: str | None = None) -> t
                 f"{path}: a run dir without an exported model ({' or '.join(RUN_DIR_MODELS)}/); "
                 "run `sapiens export-backbone` on a pretraining run, or let the run finish"
             )
+        if is_foreign_folder(path):  # weights without a config.json
+            return "foreign", str(path)
         raise UserError(
             f"{path}: neither a model folder (config.json) nor a run dir with {' or '.join(RUN_DIR_MODELS)}/"
         )
-    if looks_like_repo_id(text):
+    if is_repo_id(text):
         return "hub", text
     raise UserError(f"{path}: not found (no such file or folder, and not a Hub repo id org/name)")
 
@@ -121,11 +125,11 @@ def model_config(path_or_repo: str | os.PathLike, *, revision: str | None = None
         info = _read_json(Path(where) / CONFIG_NAME)
     elif kind == "hub":
         info = _hub_config(where, revision)
-        if not _is_ours(info):
+        if not is_our_config(info):
             return None
     else:
         return None
-    cls = MODEL_CLASSES[info["model_type"]]
+    cls = _model_class(info, where)
     try:
         return info["model_type"], config_from_dict(cls.config_class, info["config"])
     except UserError as e:
@@ -152,44 +156,27 @@ def load_model(
     map_location="cpu",
     source: str | None = None,
     arch: str | None = None,
+    num_heads: int | None = None,
     scheme: str | None = None,
 ) -> nn.Module:
     """The model a checkpoint holds, as the class its config names (eval mode, fp32).
 
-    `source`, `arch` and `scheme` only apply to foreign checkpoints (see `sapiens convert`): the format
-    if it cannot be recognised, the arch of a backbone whose size no table holds, the keypoint scheme of
-    a pose head.
+    `source`, `arch`, `num_heads` and `scheme` only apply to foreign checkpoints (see `sapiens convert`):
+    the format if it cannot be recognised, the arch or the number of heads of a backbone whose size no
+    table holds, the keypoint scheme of a pose head.
     """
     kind, where = locate(path_or_repo, revision=revision)
     if kind == "hub":
         info = _hub_config(where, revision)
-        if not _is_ours(info):
-            raise UserError(
-                f"{where}: the Hub repo holds a {info.get('model_type', 'unknown')!r} model, not a {LIBRARY_NAME} "
-                "checkpoint; convert it first"
+        if is_our_config(info):
+            return _model_class(info, where).from_pretrained(
+                where, revision=revision, map_location=map_location
             )
-        return MODEL_CLASSES[info["model_type"]].from_pretrained(
-            where, revision=revision, map_location=map_location
-        )
-    if kind == "ours":
+    elif kind == "ours":
         info = _read_json(Path(where) / CONFIG_NAME)
-        return MODEL_CLASSES[info["model_type"]].from_pretrained(where, map_location=map_location)
-    if kind == "foreign":
-        raise UserError(f"{where}: not a {LIBRARY_NAME} folder (no model_type of ours in its {CONFIG_NAME})")
-    from sapiens_lite.convert import (
-        build_backbone,
-        build_pose_model,
-        convert_state_dict,
-        load_checkpoint_file,
-    )
-
-    conv = convert_state_dict(load_checkpoint_file(where), source=source)
-    overrides = {"arch": arch} if arch else {}
-    if conv.head is not None:
-        model = build_pose_model(conv, scheme=scheme, **overrides)
-    else:
-        model = build_backbone(conv, **overrides)
-    return model.to(map_location)
+        return _model_class(info, where).from_pretrained(where, map_location=map_location)
+    conv = read_checkpoint(where, revision=revision, source=source, num_heads=num_heads)
+    return build_model(conv, arch=arch, scheme=scheme).to(map_location)
 
 
 def load_pose_model(
@@ -251,14 +238,12 @@ def init_from(
     """
     backbone = model.backbone if isinstance(model, PoseModel) else model
     kind, where = locate(path_or_repo, revision=revision)
-    if kind == "file":
-        # Converted straight into the target's config: the file's own arch need not be in any table.
-        from sapiens_lite.convert import adapt_to, convert_state_dict, load_checkpoint_file
-
-        conv = convert_state_dict(load_checkpoint_file(where))
+    if kind in ("file", "foreign") or (kind == "hub" and not is_our_config(_hub_config(where, revision))):
+        # Converted straight into the target's config: the checkpoint's own arch need not be in any table.
+        conv = read_checkpoint(where, revision=revision)
         with_head = conv.head is not None and load_head and isinstance(model, PoseModel)
         if with_head:
-            _check_head_keypoints(conv.hints.head["num_keypoints"], model, where)
+            _check_head_keypoints(conv.hints.head.num_keypoints, model, where)
             _load_head(model, conv.head, where)
         backbone.load_state_dict(adapt_to(conv, backbone.config), strict=True)
         return f"{conv.source} checkpoint {where} (backbone{' + head' if with_head else ''})"
@@ -275,8 +260,6 @@ def init_from(
 
 def load_backbone(target: VisionTransformer, source: VisionTransformer, name: str = "checkpoint") -> None:
     """Copy `source`'s weights into `target` (cls token dropped, position grid resampled if they differ)."""
-    from sapiens_lite.convert import Converted, Hints, adapt_to
-
     c = source.config.resolved()
     hints = Hints(
         embed_dim=c.embed_dim,

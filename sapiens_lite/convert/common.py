@@ -13,10 +13,12 @@ and `check_keys` compares the result with the keys and shapes of the model it is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -27,13 +29,25 @@ class CheckpointKeyError(UserError, ValueError):
     """A state dict whose keys or shapes do not fit the model: names the missing / unexpected / mismatched keys."""
 
 
+@dataclass(frozen=True)
+class HeadHints:
+    """A pose head as read off its weights; `HeadConfig(kind, channels)` plus the keypoint count."""
+
+    kind: Literal["sapiens", "vitpose", "simple"]
+    num_keypoints: int
+    """K heatmaps; the keypoint scheme is the one with K keypoints (17 / 133 / 308) unless named."""
+    channels: int | None = None
+    """Width of the hidden deconv / conv layers; None for the simple head (it has none)."""
+
+
 @dataclass
 class Hints:
     """What a checkpoint implies about the model it came from (weights alone don't say everything).
 
     `vit_kwargs()` turns these into `ViTConfig` keywords. `num_heads` can't be read from weights: it
-    comes from the arch found in `ARCHS` by (embed_dim, depth), else it stays None and the caller
-    names the arch. `grid` is the patch grid the position embedding was trained for.
+    comes from a transformers config.json or the user (`with_num_heads`), else from the arch found in
+    `ARCHS` by (embed_dim, depth), else it stays None and the caller names the arch or the head count.
+    `grid` is the patch grid the position embedding was trained for.
     """
 
     embed_dim: int
@@ -49,8 +63,9 @@ class Hints:
     final_norm: bool = True
     patch_padding: int = 0
     pos_embed: str = "learned"
-    head: dict | None = None
-    """Pose head: {"kind": "sapiens" | "vitpose" | "simple", "num_keypoints": K, ...channel sizes}."""
+    norm_eps: float = 1e-6
+    """LayerNorm eps; only a transformers config.json says otherwise (weights don't store it)."""
+    head: HeadHints | None = None
     decoder: dict | None = None
     """MAE decoder: {"embed_dim": D', "depth": n} (its number of heads is not in the weights)."""
 
@@ -58,6 +73,15 @@ class Hints:
     def img_size(self) -> tuple[int, int]:
         # The patch conv with padding p over s pixels gives (s + 2p - k) // k + 1 = s / k tokens for p < k/2.
         return (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+
+    def with_num_heads(self, num_heads: int, where: str) -> Hints:
+        """A copy with `num_heads`; the arch is kept only if it has that many heads (else explicit sizes)."""
+        from sapiens_lite.models.vit import ARCHS
+
+        if num_heads <= 0 or self.embed_dim % num_heads:
+            raise UserError(f"{where}: num_heads={num_heads} does not divide embed_dim={self.embed_dim}")
+        arch = self.arch if self.arch and ARCHS[self.arch]["num_heads"] == num_heads else None
+        return dataclasses.replace(self, arch=arch, num_heads=num_heads)
 
     def vit_kwargs(self, **overrides) -> dict:
         """Keywords for `ViTConfig(**...)`: the arch when known, else explicit sizes; `overrides` win."""
@@ -71,6 +95,7 @@ class Hints:
             pos_embed=self.pos_embed,
             patch_padding=self.patch_padding,
             final_norm=self.final_norm,
+            norm_eps=self.norm_eps,
         )
         if self.arch is not None:
             kw["arch"] = self.arch
@@ -100,7 +125,9 @@ class Converted:
     head: dict[str, torch.Tensor] | None = None
     decoder: dict[str, torch.Tensor] | None = None
     dropped: list[str] = field(default_factory=list)
-    """Source keys dropped on purpose (a classifier head, preprocessing buffers)."""
+    """Source keys dropped on purpose (a classifier head, preprocessing buffers, unused blocks)."""
+    notes: list[str] = field(default_factory=list)
+    """What the conversion changed that a user should hear about (e.g. a VitPose backbone truncated)."""
 
 
 # ---- renaming ----

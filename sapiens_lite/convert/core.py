@@ -9,7 +9,9 @@ source in `SOURCES` by its signature keys (or take `source=`), run that source's
 per source: a declarative key map + explicit transforms), then check the exact key set and shapes
 against the model the checkpoint describes. `adapt_to` fits the backbone to another `ViTConfig`:
 it drops the cls slot of the position embedding when the target has no cls token and resamples the
-grid (bicubic, timm's `resample_abs_pos_embed`) when the target grid differs.
+grid (bicubic, timm's `resample_abs_pos_embed`) when the target grid differs. `build_model` builds
+what the checkpoint holds: `build_pose_model` when it has a pose head, else `build_backbone`.
+Files, transformers folders and Hub repos are read by `read.py` (`read_checkpoint`), which calls this.
 """
 
 from __future__ import annotations
@@ -131,6 +133,20 @@ def convert_state_dict(
     return conv
 
 
+def check_fits(
+    conv: Converted, cfg, *, checkpoint: str | None = None, target: str = "the target config"
+) -> None:
+    """UserError unless the converted backbone's width, depth and patch size are those of `cfg` (a `ViTConfig`):
+    the weights' shapes, which no resampling changes."""
+    cfg = cfg.resolved()
+    for name in ("embed_dim", "depth", "patch_size"):
+        ours, theirs = getattr(cfg, name), getattr(conv.hints, name)
+        if ours != theirs:
+            raise UserError(
+                f"{checkpoint or conv.source}: checkpoint has {name}={theirs}, {target} ({cfg.arch}) has {name}={ours}"
+            )
+
+
 def adapt_to(conv: Converted, cfg) -> dict[str, torch.Tensor]:
     """The converted backbone as a state dict for `VisionTransformer(cfg)` (a `ViTConfig`).
 
@@ -143,22 +159,14 @@ def adapt_to(conv: Converted, cfg) -> dict[str, torch.Tensor]:
 
     cfg = cfg.resolved()
     h = conv.hints
-    for name, ours, theirs in [
-        ("embed_dim", cfg.embed_dim, h.embed_dim),
-        ("depth", cfg.depth, h.depth),
-        ("patch_size", cfg.patch_size, h.patch_size),
-    ]:
-        if ours != theirs:
-            raise UserError(f"{conv.source}: checkpoint has {name}={theirs}, the target config {name}={ours}")
+    check_fits(conv, cfg)
     if cfg.cls_token and not h.cls_token:
         raise UserError(f"{conv.source}: the target has a cls token, the checkpoint has none to give it")
 
     sd = dict(conv.backbone)
     pos = sd["pos_embed"]  # [1, (1) + gh*gw, C]
     patches = pos[:, 1:] if h.cls_token else pos  # [1, gh*gw, C]
-    k, p = cfg.patch_size, cfg.patch_padding
-    grid = tuple((s + 2 * p - k) // k + 1 for s in cfg.img_size)
-    patches = resample_pos_embed(patches, grid, h.grid, num_prefix_tokens=0)  # [1, nh*nw, C]
+    patches = resample_pos_embed(patches, cfg.grid_size, h.grid, num_prefix_tokens=0)  # [1, nh*nw, C]
     if cfg.cls_token:
         sd["pos_embed"] = torch.cat([pos[:, :1], patches], dim=1)
     else:
@@ -182,29 +190,17 @@ def build_backbone(conv: Converted, **overrides):
     return _materialise(lambda: VisionTransformer(cfg), adapt_to(conv, cfg))
 
 
-# Keypoint count of a head -> our keypoint scheme (sapiens_lite.keypoints).
-SCHEME_BY_NUM_KEYPOINTS = {17: "coco17", 133: "coco_wholebody133", 308: "goliath308"}
-
-
 def head_config(conv: Converted):
     """`HeadConfig` of the converted pose head (kind and width read off the weights)."""
     from sapiens_lite.models.pose import HeadConfig
 
-    h = conv.hints.head
-    widths = set(h.get("deconv_out_channels", ())) | set(h.get("conv_out_channels", ()))
-    if len(widths) > 1:
-        raise UserError(f"{conv.source}: head layers of different widths {sorted(widths)} are not supported")
-    if any(k != 4 for k in h.get("deconv_kernel_sizes", ())) or any(
-        k != 1 for k in h.get("conv_kernel_sizes", ())
-    ):
-        raise UserError(f"{conv.source}: only 4x4 deconvs and 1x1 convs are supported in the head, got {h}")
-    return HeadConfig(kind=h["kind"], channels=widths.pop() if widths else None)
+    return HeadConfig(kind=conv.hints.head.kind, channels=conv.hints.head.channels)
 
 
 def _build_head(conv: Converted):
     from sapiens_lite.models.pose import build_head
 
-    return build_head(head_config(conv), conv.hints.embed_dim, conv.hints.head["num_keypoints"])
+    return build_head(head_config(conv), conv.hints.embed_dim, conv.hints.head.num_keypoints)
 
 
 def build_pose_model(conv: Converted, *, scheme: str | None = None, **backbone_overrides):
@@ -212,18 +208,19 @@ def build_pose_model(conv: Converted, *, scheme: str | None = None, **backbone_o
 
     scheme: keypoint scheme; by default the one with the head's number of keypoints (17 / 133 / 308).
     """
+    from sapiens_lite.keypoints import scheme_for_num_keypoints
     from sapiens_lite.models.pose import PoseConfig, PoseModel, check_head_keypoints
     from sapiens_lite.models.vit import ViTConfig
 
     if conv.head is None:
         raise UserError(f"{conv.source}: the checkpoint has no pose head")
-    k = conv.hints.head["num_keypoints"]
     if scheme is None:
-        if k not in SCHEME_BY_NUM_KEYPOINTS:
+        try:
+            scheme = scheme_for_num_keypoints(conv.hints.head.num_keypoints).name
+        except UserError as e:
             raise UserError(
-                f"{conv.source}: no keypoint scheme has {k} keypoints; known: {SCHEME_BY_NUM_KEYPOINTS}"
-            )
-        scheme = SCHEME_BY_NUM_KEYPOINTS[k]
+                f"{conv.source}: the pose head predicts {conv.hints.head.num_keypoints} heatmaps; {e}"
+            ) from None
     try:
         backbone = ViTConfig(**_vit_kwargs(conv, backbone_overrides))
         cfg = PoseConfig(
@@ -236,6 +233,23 @@ def build_pose_model(conv: Converted, *, scheme: str | None = None, **backbone_o
     check_head_keypoints(sd, cfg, conv.source)  # a clearer message than the shape mismatch below
     check_keys(sd, model_shapes(lambda: PoseModel(cfg)), f"{conv.source}: pose model")
     return _materialise(lambda: PoseModel(cfg), sd)
+
+
+def build_model(conv: Converted, *, arch: str | None = None, scheme: str | None = None, **vit_overrides):
+    """The model a converted checkpoint describes, in eval mode: a `PoseModel` when it has a pose head,
+    else a `VisionTransformer` (an MAE decoder is not kept).
+
+    arch: name the backbone's arch (a key of `ARCHS`) instead of taking it from the hints.
+    scheme: keypoint scheme of a pose head (default: the one with its keypoint count); refused without one.
+    vit_overrides: other `ViTConfig` fields (img_size, cls_token, ...), fitted as `adapt_to` allows.
+    """
+    if arch is not None:
+        vit_overrides["arch"] = arch
+    if conv.head is not None:
+        return build_pose_model(conv, scheme=scheme, **vit_overrides)
+    if scheme is not None:
+        raise UserError(f"{conv.source}: scheme={scheme!r} given, but the checkpoint has no pose head")
+    return build_backbone(conv, **vit_overrides)
 
 
 def _materialise(build, sd: dict[str, torch.Tensor]):
@@ -260,7 +274,7 @@ def _vit_kwargs(conv: Converted, overrides: dict) -> dict:
     if kw.get("num_heads", 0) is None:
         raise UserError(
             f"{conv.source}: no arch has embed_dim={conv.hints.embed_dim}, depth={conv.hints.depth}; "
-            "the number of heads can't be read from weights: name the arch (--arch) or pass num_heads"
+            "the number of heads can't be read from weights: pass num_heads (--num-heads N)"
         )
     return kw
 
@@ -281,5 +295,6 @@ __all__ = [
     "adapt_to",
     "build_backbone",
     "build_pose_model",
+    "build_model",
     "head_config",
 ]

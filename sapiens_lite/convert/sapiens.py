@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from sapiens_lite.convert.common import Converted, rename, strip_prefix, vit_hints
+from sapiens_lite.convert.common import Converted, HeadHints, rename, strip_prefix, vit_hints
+from sapiens_lite.errors import UserError
 
 # mmpretrain VisionTransformer -> timm names
 BACKBONE_KEYS: dict[str, str | None] = {
@@ -80,8 +81,8 @@ def convert_pose(sd: dict[str, torch.Tensor], grid: tuple[int, int] | None = Non
     return Converted("sapiens_pose", backbone, hints, head=head, dropped=dropped + dropped_rest)
 
 
-def head_hints(head: dict[str, torch.Tensor]) -> dict:
-    """Channel and kernel sizes of a HeatmapHead, read off its weights (Sequential index order)."""
+def head_hints(head: dict[str, torch.Tensor]) -> HeadHints:
+    """Our Sapiens head from a HeatmapHead's weights: one width, 4x4 deconvs and 1x1 convs, or a UserError."""
 
     def layers(name):
         idx = sorted({int(k.split(".")[1]) for k in head if k.startswith(name + ".")})
@@ -90,11 +91,13 @@ def head_hints(head: dict[str, torch.Tensor]) -> dict:
     deconvs = layers("deconv_layers")  # ConvTranspose2d weight: [in, out, k, k]
     convs = layers("conv_layers")  # Conv2d weight: [out, in, k, k]
     final = head["final_layer.weight"]  # [K, in, 1, 1]
-    return {
-        "kind": "sapiens",
-        "num_keypoints": final.shape[0],
-        "deconv_out_channels": tuple(w.shape[1] for w in deconvs),
-        "deconv_kernel_sizes": tuple(w.shape[-1] for w in deconvs),
-        "conv_out_channels": tuple(w.shape[0] for w in convs),
-        "conv_kernel_sizes": tuple(w.shape[-1] for w in convs),
-    }
+    widths = {w.shape[1] for w in deconvs} | {w.shape[0] for w in convs}
+    if len(widths) > 1:
+        raise UserError(f"sapiens_pose: head layers of different widths {sorted(widths)} are not supported")
+    kernels = [(w.shape[-1], 4) for w in deconvs] + [(w.shape[-1], 1) for w in convs]
+    if any(k != expected for k, expected in kernels):
+        raise UserError(
+            "sapiens_pose: only 4x4 deconvs and 1x1 convs are supported in the head, got kernel sizes "
+            f"{[w.shape[-1] for w in deconvs]} (deconv) and {[w.shape[-1] for w in convs]} (conv)"
+        )
+    return HeadHints("sapiens", num_keypoints=final.shape[0], channels=widths.pop() if widths else None)

@@ -1,4 +1,5 @@
-"""Models: the plain ViT backbone (`vit.py`) and, built on it, the pose model (`pose.py`)."""
+"""Models: the plain ViT backbone (`vit.py`), dense heads on its feature map (`heads.py`) and the pose
+model built from the two (`pose.py`)."""
 
 from sapiens_lite.models.vit import ARCHS, VisionTransformer, ViTConfig, build_vit
 

@@ -5,55 +5,31 @@
     heatmaps = model.predict(x)            # same, averaged with the flipped image's heatmaps (flip test)
     keypoints, scores = decode_heatmaps(heatmaps, input_size=model.config.input_size)   # sapiens_lite.codec
 
-Heads (`HeadConfig.kind`), each with the key names of the checkpoints it loads, after the `head.` prefix:
+The heads (`HeadConfig.kind`: sapiens, vitpose, simple) live in sapiens_lite/models/heads.py.
 
-- "sapiens": the Sapiens pose head (mmpose `HeatmapHead` with `use_silu=True`): two 4x4 stride-2
-  deconvolutions without bias, two 1x1 convolutions, each followed by InstanceNorm2d (not affine, so
-  no weights) and SiLU, then a 1x1 conv to K heatmaps. Keys `deconv_layers.{0,3}.weight`,
-  `conv_layers.{0,3}.{weight,bias}`, `final_layer.{weight,bias}`: Sapiens `.pth` heads load strictly.
-- "vitpose": the ViTPose classic decoder (two deconvolutions + BatchNorm + ReLU, 256 channels, a 1x1
-  conv), keys as transformers' `VitPoseClassicDecoder` (`deconv1`, `batchnorm1`, `deconv2`, ...).
-- "simple": the ViTPose simple decoder (ReLU, bilinear x4 upsampling, a 3x3 conv), keys as
-  transformers' `VitPoseSimpleDecoder` (`conv`).
+The keypoint scheme (`PoseConfig.scheme`) is a built-in name or the path of a scheme JSON file
+(sapiens_lite.keypoints). `save_pretrained` writes a file scheme's full definition into config.json
+and `from_pretrained` registers it from there, so the model loads anywhere without the file.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from sapiens_lite.codec import flip_heatmaps
 from sapiens_lite.errors import UserError
-from sapiens_lite.hub import HubMixin
-from sapiens_lite.keypoints import get_scheme
+from sapiens_lite.hub import CONFIG_NAME, HubMixin, read_checkpoint_config, resolve_checkpoint_folder
+from sapiens_lite.keypoints import builtin_schemes, get_scheme, is_builtin, register_scheme
+from sapiens_lite.models.heads import FINAL_LAYER_KEYS, POSE_UPSAMPLE, HeadConfig, build_head
 from sapiens_lite.models.vit import VisionTransformer, ViTConfig
 
-HEATMAP_STRIDE = 4  # heatmaps are 1/4 of the input: 16x patches upsampled 4x by the head
-DEFAULT_CHANNELS = {"sapiens": 768, "vitpose": 256, "simple": None}
-
-
-@dataclass
-class HeadConfig:
-    kind: Literal["sapiens", "vitpose", "simple"] = "sapiens"
-    """sapiens: deconv x2 + conv1x1 x2 (InstanceNorm + SiLU); vitpose: classic deconv x2 (BN + ReLU); simple: upsample + conv3x3."""
-    channels: int | None = None
-    """Width of the deconv/conv layers; None: 768 for sapiens (the Sapiens checkpoints), 256 for vitpose. Unused by simple."""
-
-    def __post_init__(self):
-        if self.kind not in DEFAULT_CHANNELS:
-            raise ValueError(f"kind must be one of {', '.join(DEFAULT_CHANNELS)}, got {self.kind!r}")
-        if self.channels is not None and self.channels <= 0:
-            raise ValueError(f"channels must be positive, got {self.channels}")
-        if self.kind == "simple" and self.channels is not None:
-            raise ValueError("channels: the simple head has no hidden layers; leave channels unset")
-
-    @property
-    def width(self) -> int | None:
-        return self.channels if self.channels is not None else DEFAULT_CHANNELS[self.kind]
+HEATMAP_STRIDE = 16 // POSE_UPSAMPLE  # heatmaps are 1/4 of the input: 16x16 patches upsampled 4x by the head
+# config.json entry holding the full definition of a scheme that is not built in.
+SCHEME_DEFINITION_KEY = "keypoint_scheme_definition"
 
 
 @dataclass
@@ -62,7 +38,7 @@ class PoseConfig:
     """The ViT; its img_size must equal input_size (Sapiens pose: patch_padding=2, no cls token)."""
     head: HeadConfig = field(default_factory=HeadConfig)
     scheme: str = "coco17"
-    """Keypoint scheme (sapiens_lite.keypoints): coco17, coco_wholebody133 or goliath308; sets K."""
+    """Keypoint scheme, sets K: coco17, coco_wholebody133, goliath308, or a scheme JSON file (see keypoints)."""
     input_size: tuple[int, int] = (1024, 768)
     """(H, W) of the person crop; 256x192 for the small ViTPose models."""
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -85,7 +61,7 @@ class PoseConfig:
             raise ValueError(f"sigma must be positive, got {self.sigma}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
-        get_scheme(self.scheme)  # UserError listing the schemes if unknown
+        get_scheme(self.scheme)  # UserError listing the schemes if unknown, naming the field if a bad file
 
     @property
     def heatmap_size(self) -> tuple[int, int]:
@@ -95,105 +71,6 @@ class PoseConfig:
     @property
     def num_keypoints(self) -> int:
         return get_scheme(self.scheme).num_keypoints
-
-
-# ---- heads ----
-
-
-class SapiensHead(nn.Module):
-    """Sapiens HeatmapHead: [B, C, h/4, w/4] features -> [B, K, h, w] heatmaps."""
-
-    def __init__(self, in_channels: int, num_keypoints: int, channels: int = 768):
-        super().__init__()
-        # Index layout 0: conv, 1: InstanceNorm, 2: SiLU, 3: conv, ... matches the checkpoints' keys.
-        self.deconv_layers = nn.Sequential(
-            nn.ConvTranspose2d(
-                in_channels, channels, kernel_size=4, stride=2, padding=1, output_padding=0, bias=False
-            ),
-            nn.InstanceNorm2d(channels),
-            nn.SiLU(inplace=True),
-            nn.ConvTranspose2d(
-                channels, channels, kernel_size=4, stride=2, padding=1, output_padding=0, bias=False
-            ),
-            nn.InstanceNorm2d(channels),
-            nn.SiLU(inplace=True),
-        )
-        self.conv_layers = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size=1),
-            nn.InstanceNorm2d(channels),
-            nn.SiLU(inplace=True),
-            nn.Conv2d(channels, channels, kernel_size=1),
-            nn.InstanceNorm2d(channels),
-            nn.SiLU(inplace=True),
-        )
-        self.final_layer = nn.Conv2d(channels, num_keypoints, kernel_size=1)
-        _init_head(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.deconv_layers(x)  # [B, C, 4h, 4w]
-        x = self.conv_layers(x)
-        return self.final_layer(x)  # [B, K, 4h, 4w]
-
-
-class VitPoseClassicHead(nn.Module):
-    """ViTPose classic decoder: two deconv + BatchNorm + ReLU blocks, then a 1x1 conv."""
-
-    def __init__(self, in_channels: int, num_keypoints: int, channels: int = 256):
-        super().__init__()
-        self.deconv1 = nn.ConvTranspose2d(
-            in_channels, channels, kernel_size=4, stride=2, padding=1, bias=False
-        )
-        self.batchnorm1 = nn.BatchNorm2d(channels)
-        self.relu1 = nn.ReLU()
-        self.deconv2 = nn.ConvTranspose2d(channels, channels, kernel_size=4, stride=2, padding=1, bias=False)
-        self.batchnorm2 = nn.BatchNorm2d(channels)
-        self.relu2 = nn.ReLU()
-        self.conv = nn.Conv2d(channels, num_keypoints, kernel_size=1)
-        _init_head(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.batchnorm1(self.deconv1(x)))  # [B, C, 2h, 2w]
-        x = self.relu2(self.batchnorm2(self.deconv2(x)))  # [B, C, 4h, 4w]
-        return self.conv(x)  # [B, K, 4h, 4w]
-
-
-class VitPoseSimpleHead(nn.Module):
-    """ViTPose simple decoder: ReLU, bilinear x4 upsampling, a 3x3 conv."""
-
-    def __init__(self, in_channels: int, num_keypoints: int):
-        super().__init__()
-        self.activation = nn.ReLU()
-        self.upsampling = nn.Upsample(scale_factor=HEATMAP_STRIDE, mode="bilinear", align_corners=False)
-        self.conv = nn.Conv2d(in_channels, num_keypoints, kernel_size=3, stride=1, padding=1)
-        _init_head(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.upsampling(self.activation(x)))  # [B, K, 4h, 4w]
-
-
-def _init_head(head: nn.Module) -> None:
-    """mmpose HeatmapHead init: conv/deconv weights N(0, 0.001), zero biases, norms at identity."""
-    for m in head.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, std=0.001)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def build_head(cfg: HeadConfig, in_channels: int, num_keypoints: int) -> nn.Module:
-    builders = {
-        "sapiens": lambda: SapiensHead(in_channels, num_keypoints, cfg.width),
-        "vitpose": lambda: VitPoseClassicHead(in_channels, num_keypoints, cfg.width),
-        "simple": lambda: VitPoseSimpleHead(in_channels, num_keypoints),
-    }
-    return builders[cfg.kind]()
-
-
-# Key of the last layer's weight [K, C, k, k] for each head kind (after the `head.` prefix).
-FINAL_LAYER_KEYS = {"sapiens": "final_layer.weight", "vitpose": "conv.weight", "simple": "conv.weight"}
 
 
 # ---- the model ----
@@ -228,6 +105,28 @@ class PoseModel(nn.Module, HubMixin):
 
     # ---- checkpoints ----
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | None = None,
+        **kwargs,
+    ) -> PoseModel:
+        """`HubMixin.from_pretrained` (same arguments), after registering the keypoint scheme definition
+        that config.json carries for a scheme file (so the file itself is not needed)."""
+        folder = resolve_checkpoint_folder(
+            repo_id_or_path, revision=revision, cache_dir=cache_dir, token=token
+        )
+        info = read_checkpoint_config(folder, expected_model_type=cls.model_type)
+        definition = info.get(SCHEME_DEFINITION_KEY)
+        scheme = info["config"].get("scheme") if isinstance(info["config"], dict) else None
+        if definition is not None and isinstance(scheme, str):
+            register_scheme(scheme, definition, source=f"{folder / CONFIG_NAME}: {SCHEME_DEFINITION_KEY}")
+        return super().from_pretrained(folder, **kwargs)
+
     def load_weights(
         self, state_dict: dict[str, torch.Tensor], source: str = "state dict", strict: bool = True
     ):
@@ -243,7 +142,7 @@ class PoseModel(nn.Module, HubMixin):
 
     def hub_metadata(self) -> dict:
         cfg = self.config
-        return {
+        info = {
             "keypoint_scheme": self.scheme.name,
             "num_keypoints": self.scheme.num_keypoints,
             "input_size": list(cfg.input_size),
@@ -251,6 +150,9 @@ class PoseModel(nn.Module, HubMixin):
             "mean": list(cfg.mean),
             "std": list(cfg.std),
         }
+        if not is_builtin(cfg.scheme):  # a scheme file: the checkpoint must not depend on it
+            info[SCHEME_DEFINITION_KEY] = self.scheme.to_dict()
+        return info
 
     def model_card_body(self) -> str:
         cfg = self.config
@@ -272,9 +174,10 @@ def check_head_keypoints(state_dict: dict[str, torch.Tensor], cfg: PoseConfig, s
     found = head_num_keypoints(state_dict, cfg.head.kind)
     expected = cfg.num_keypoints
     if found is not None and found != expected:
+        builtin = ", ".join(f"{s.num_keypoints}: {s.name}" for s in builtin_schemes())
         raise UserError(
             f"{source}: the checkpoint's head predicts {found} keypoints but scheme {cfg.scheme!r} has "
-            f"{expected}; pick the matching scheme (17: coco17, 133: coco_wholebody133, 308: goliath308)"
+            f"{expected}; pick the matching scheme ({builtin}, or a scheme JSON file with {found} keypoints)"
         )
 
 
@@ -287,11 +190,3 @@ def build_pose_model(arch: str = "vit_test", scheme: str = "coco17", **overrides
     input_size = tuple(overrides.pop("input_size", (1024, 768)))
     backbone = ViTConfig(arch=arch, img_size=input_size, patch_padding=2, cls_token=False)
     return PoseModel(PoseConfig(backbone=backbone, scheme=scheme, input_size=input_size, **overrides))
-
-
-def with_input_size(cfg: PoseConfig, input_size: tuple[int, int], sigma: float | None = None) -> PoseConfig:
-    """A copy of `cfg` for another crop size (backbone img_size follows)."""
-    backbone = dataclasses.replace(cfg.backbone, img_size=tuple(input_size))
-    return dataclasses.replace(
-        cfg, backbone=backbone, input_size=tuple(input_size), sigma=cfg.sigma if sigma is None else sigma
-    )

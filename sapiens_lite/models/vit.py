@@ -1,7 +1,9 @@
 """Plain ViT backbone (Sapiens / MAE / timm flavour) with timm's key names.
 
     model = build_vit("sapiens_0.3b")                   # 1024x768 input -> 64x48 tokens, no cls token
-    feats = model(torch.randn(1, 3, 1024, 768))         # [1, 1024, 64, 48]
+    x = torch.randn(1, 3, 1024, 768)
+    feats = model(x)                                    # [1, 1024, 64, 48]
+    tokens, maps = model.forward_intermediates(x, indices=4)   # last 4 blocks: [1, 1024, 64, 48] each
 
 Pre-norm transformer blocks (timm `Block`: LayerNorm eps 1e-6, qkv bias, MLP ratio 4, GELU, attention
 through `F.scaled_dot_product_attention`), a 16x16 patch convolution (optionally padded: the Sapiens
@@ -12,6 +14,8 @@ multiples of the patch size works; the position embedding is resized to the new 
 Key names follow timm's `VisionTransformer` (`patch_embed.proj`, `cls_token`, `pos_embed`,
 `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`) so timm and MAE checkpoints
 load without renaming; `sapiens_lite.convert` maps the other formats onto these names.
+`forward_intermediates` / `prune_intermediate_layers` are timm's API for the outputs of inner blocks
+(distillation students, multi-level dense heads).
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     """Stochastic depth, rising linearly from 0 at the first block to this value at the last."""
     final_norm: bool = True
+    norm_eps: float = 1e-6
+    """eps of every LayerNorm: 1e-6 in timm / MAE / Sapiens; transformers' ViTs default to 1e-12."""
     grad_checkpointing: bool = False
     """Recompute each block in the backward pass (saves activation memory, costs one more forward)."""
 
@@ -76,6 +82,8 @@ class ViTConfig:
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.patch_padding < 0 or 2 * self.patch_padding >= self.patch_size:
             raise ValueError(f"patch_padding must be in [0, patch_size/2), got {self.patch_padding}")
         if self.arch not in ARCHS and None in (self.embed_dim, self.depth, self.num_heads):
@@ -90,6 +98,16 @@ class ViTConfig:
         if cfg.embed_dim % cfg.num_heads:
             raise ValueError(f"embed_dim {cfg.embed_dim} is not a multiple of num_heads {cfg.num_heads}")
         return cfg
+
+    def token_grid(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) of an input image -> (gh, gw) of its patch grid: the patch convolution's output size."""
+        k, p = self.patch_size, self.patch_padding
+        return tuple((s + 2 * p - k) // k + 1 for s in hw)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(gh, gw) of the `img_size` grid, the one the position embedding is stored for."""
+        return self.token_grid(self.img_size)
 
 
 class PatchEmbed(nn.Module):
@@ -119,7 +137,7 @@ class VisionTransformer(nn.Module, HubMixin):
         self.embed_dim = cfg.embed_dim
         self.patch_size = cfg.patch_size
         self.num_prefix_tokens = 1 if cfg.cls_token else 0
-        self.grid_size = self.token_grid(cfg.img_size)
+        self.grid_size = cfg.grid_size
         self.grad_checkpointing = cfg.grad_checkpointing
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_padding)
@@ -131,7 +149,7 @@ class VisionTransformer(nn.Module, HubMixin):
 
         # plain floats: torch.linspace would land on the meta device inside `with torch.device("meta")`
         drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(
             Block(
                 cfg.embed_dim,
@@ -169,9 +187,8 @@ class VisionTransformer(nn.Module, HubMixin):
     # ---- stages, in data-flow order ----
 
     def token_grid(self, hw: tuple[int, int]) -> tuple[int, int]:
-        """(H, W) of an input image -> (gh, gw) of its patch grid (the patch conv's output size)."""
-        k, p = self.patch_size, self.config.patch_padding
-        return tuple((s + 2 * p - k) // k + 1 for s in hw)
+        """(H, W) of an input image -> (gh, gw) of its patch grid (`ViTConfig.token_grid`)."""
+        return self.config.token_grid(hw)
 
     def patchify_embed(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] -> patch tokens [B, gh*gw, C], without position embedding."""
@@ -191,17 +208,8 @@ class VisionTransformer(nn.Module, HubMixin):
             return torch.from_numpy(pe).to(self.pos_embed).unsqueeze(0)
         return resample_pos_embed(self.pos_embed, grid, self.grid_size, self.num_prefix_tokens)
 
-    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """The transformer blocks on any token sequence [B, N, C] (checkpointed when enabled)."""
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
-
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, 3, H, W] -> all tokens after the final norm [B, prefix + gh*gw, C]."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, 3, H, W] -> the blocks' input [B, prefix + gh*gw, C]: patch tokens + position, cls first."""
         grid = self.token_grid(x.shape[-2:])
         x = self.patchify_embed(x)  # [B, L, C]
         pos = self.pos_embed_for(grid)  # [1, prefix + L, C]
@@ -209,17 +217,104 @@ class VisionTransformer(nn.Module, HubMixin):
         if self.cls_token is not None:
             cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, C]
             x = torch.cat([cls, x], dim=1)
-        x = self.forward_blocks(x)
-        return self.norm(x)
+        return x
+
+    def run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One block; recomputed in the backward pass when grad checkpointing is on and grads are needed."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer blocks on any token sequence [B, N, C] (checkpointed when enabled)."""
+        for blk in self.blocks:
+            x = self.run_block(blk, x)
+        return x
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, 3, H, W] -> all tokens after the final norm [B, prefix + gh*gw, C]."""
+        return self.norm(self.forward_blocks(self.embed(x)))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] (H, W multiples of the patch size) -> feature map [B, C, H/16, W/16]."""
-        gh, gw = self.token_grid(x.shape[-2:])
-        x = self.forward_tokens(x)[:, self.num_prefix_tokens :]  # [B, gh*gw, C]
-        return x.transpose(1, 2).reshape(x.shape[0], self.embed_dim, gh, gw)
+        grid = self.token_grid(x.shape[-2:])
+        return self.tokens_to_map(self.forward_tokens(x)[:, self.num_prefix_tokens :], grid)
+
+    def tokens_to_map(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens [B, gh*gw, C] in row-major order -> feature map [B, C, gh, gw]."""
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
+
+    # ---- inner blocks (timm's API) ----
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """The outputs of chosen blocks, as timm's `VisionTransformer.forward_intermediates`.
+
+        x: [B, 3, H, W]. indices: an int n takes the last n blocks, a list takes those blocks (negative
+        ones count from the end), None takes all. Each intermediate is a block's output without the
+        prefix (cls) token, passed through the final norm if `norm`: [B, C, gh, gw] for "NCHW" (any
+        grid, square or not), [B, gh*gw, C] for "NLC"; in block order. With `return_prefix_tokens` (and
+        a cls token) each is a pair (intermediate, prefix tokens [B, prefix, C]). `stop_early` skips the
+        blocks after the last one taken.
+
+        Returns the intermediates (`intermediates_only`), else (final, intermediates) where final is the
+        normed token sequence [B, prefix + gh*gw, C] of the last block run: `forward_tokens(x)` unless
+        stop_early cut the loop short.
+        """
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        grid = self.token_grid(x.shape[-2:])
+
+        x = self.embed(x)  # [B, prefix + L, C]
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = self.run_block(blk, x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]  # [B, prefix, C] each
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]  # [B, L, C] each
+        if output_fmt == "NCHW":
+            intermediates = [self.tokens_to_map(y, grid) for y in intermediates]  # [B, C, gh, gw] each
+        if return_prefix_tokens and self.num_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False
+    ) -> list[int]:
+        """Drop the blocks after the last one `indices` takes (and the final norm if `prune_norm`), as timm.
+
+        Returns the kept indices (absolute, as `forward_intermediates` takes them). The config follows
+        (depth, final_norm), so a pruned model saves and reloads with save_pretrained / from_pretrained.
+        timm's `prune_head` has no counterpart here: this backbone has no classifier.
+        """
+        from timm.models._features import feature_take_indices
+
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.config = dataclasses.replace(self.config, depth=len(self.blocks))
+        if prune_norm:
+            self.norm = nn.Identity()
+            self.config = dataclasses.replace(self.config, final_norm=False)
+        return take_indices
 
     # ---- training helpers ----
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from sapiens_lite.convert import (
     SOURCES,
     CheckpointKeyError,
+    HeadHints,
     adapt_to,
     build_backbone,
     build_pose_model,
@@ -271,14 +272,7 @@ def test_sapiens_pose_checkpoint_loads_strictly_into_pose_model():
     h = conv.hints
     assert conv.source == "sapiens_pose"
     assert (h.grid, h.cls_token, h.patch_padding, h.img_size) == ((4, 3), False, 2, (64, 48))
-    assert h.head == {
-        "kind": "sapiens",
-        "num_keypoints": 17,
-        "deconv_out_channels": (32, 32),
-        "deconv_kernel_sizes": (4, 4),
-        "conv_out_channels": (32, 32),
-        "conv_kernel_sizes": (1, 1),
-    }
+    assert h.head == HeadHints("sapiens", num_keypoints=17, channels=32)
     assert set(conv.head) == {k.removeprefix("head.") for k in sd if k.startswith("head.")}
     model = build_pose_model(conv).eval()
     assert model.config.scheme == "coco17" and model.config.head.channels == 32
@@ -292,6 +286,18 @@ def test_sapiens_pose_checkpoint_loads_strictly_into_pose_model():
     ref = mmpretrain_reference_tokens(backbone_sd, x, padding=2, cls_token=False)
     assert (ours - ref).abs().max() <= 1e-5
     assert heatmaps.shape == (2, 17, 16, 12)
+
+
+def test_sapiens_head_of_mixed_widths_or_other_kernels_is_refused():
+    ckpt = sapiens_pose_checkpoint()
+    sd = ckpt["state_dict"]
+    sd["head.conv_layers.3.weight"] = torch.zeros(16, 32, 1, 1)  # a narrower last conv
+    with pytest.raises(UserError, match=r"different widths \[16, 32\]"):
+        convert_state_dict(ckpt)
+    ckpt = sapiens_pose_checkpoint()
+    ckpt["state_dict"]["head.conv_layers.0.weight"] = torch.zeros(32, 32, 3, 3)
+    with pytest.raises(UserError, match=r"only 4x4 deconvs and 1x1 convs.*\[3, 1\] \(conv\)"):
+        convert_state_dict(ckpt)
 
 
 def test_sapiens_pose_goliath_scheme_from_keypoint_count():

@@ -160,7 +160,7 @@ def test_vitpose_heatmaps(simple):
     h = conv.hints
     assert conv.source == "transformers_vitpose"
     assert (h.grid, h.cls_token, h.patch_padding) == ((4, 3), False, 2)
-    assert h.head["kind"] == ("simple" if simple else "vitpose") and h.head["num_keypoints"] == 17
+    assert h.head.kind == ("simple" if simple else "vitpose") and h.head.num_keypoints == 17
     model = build_pose_model(conv).eval()
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():

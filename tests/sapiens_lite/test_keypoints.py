@@ -1,13 +1,22 @@
-"""Keypoint schemes (sapiens_lite/keypoints): COCO-17, COCO-WholeBody-133, Sapiens/Goliath-308."""
+"""Keypoint schemes (sapiens_lite/keypoints): COCO-17, COCO-WholeBody-133, Sapiens/Goliath-308, and
+schemes defined by a JSON file (checked field by field; registered from a checkpoint's definition)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
+from sapiens_lite import keypoints
 from sapiens_lite.errors import UserError
-from sapiens_lite.keypoints import get_scheme, scheme_for_num_keypoints
+from sapiens_lite.keypoints import (
+    canonical_name,
+    get_scheme,
+    register_scheme,
+    scheme_for_num_keypoints,
+    scheme_from_dict,
+)
 
 SCHEMES = {"coco17": 17, "coco_wholebody133": 133, "goliath308": 308}
 COCO17 = (
@@ -114,7 +123,131 @@ def test_unknown_scheme_and_keypoint_are_user_errors():
         UserError, match="unknown keypoint scheme 'mpii'.*coco17.*coco_wholebody133.*goliath308"
     ):
         get_scheme("mpii")
-    with pytest.raises(UserError, match="no keypoint scheme has 21 keypoints"):
+    with pytest.raises(
+        UserError, match=r"no built-in keypoint scheme has 21 keypoints \(built-in: 17 \(coco17\)"
+    ):
         scheme_for_num_keypoints(21)
     with pytest.raises(UserError, match="'tail' is not in scheme 'coco17'"):
         get_scheme("coco17").index("tail")
+
+
+# ---- schemes from JSON files ----------------------------------------------------------------------
+
+TOY = {
+    "names": ["head", "left_hand", "right_hand", "left_foot", "right_foot"],
+    "flip_index": [0, 2, 1, 4, 3],
+    "sigmas": [0.05, 0.06, 0.06, 0.08, 0.08],
+}
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """An empty registry of checkpoint definitions for this test only."""
+    monkeypatch.setattr(keypoints, "_REGISTERED", {})
+    return keypoints._REGISTERED
+
+
+def _write(tmp_path, d, name="toy5.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def test_a_scheme_file_is_a_scheme_with_defaults_for_the_optional_fields(tmp_path):
+    path = _write(tmp_path, TOY)
+    s = get_scheme(path)
+    assert s.name == "toy5" and s.num_keypoints == 5 and s.names[1] == "left_hand"
+    assert s.flip_index == (0, 2, 1, 4, 3) and s.sigmas == (0.05, 0.06, 0.06, 0.08, 0.08)
+    assert s.joint_weights == (1.0,) * 5 and s.keypoint_types == ("",) * 5
+    assert s.skeleton == () and s.skeleton_colors == () and len(s.keypoint_colors) == 5
+    assert s.upper_body_ids == [] and s.lower_body_ids == []
+    assert canonical_name(path) == path  # a file stays a file (no built-in name for it)
+    full = dict(
+        TOY,
+        scheme="stick",
+        num_keypoints=5,
+        joint_weights=[1, 1, 1, 1.5, 1.5],
+        keypoint_types=["upper", "upper", "upper", "lower", "lower"],
+        keypoint_colors=[[255, 0, 0]] * 5,
+        skeleton=[[0, 1], [0, 2], [0, 3], [0, 4]],
+        skeleton_colors=[[0, 0, 255]] * 4,
+    )
+    s = get_scheme(_write(tmp_path, full, "other.json"))
+    assert s.name == "stick" and s.lower_body_ids == [3, 4] and s.skeleton[2] == (0, 3)
+    assert s.joint_weights[3] == 1.5 and s.skeleton_colors[0] == (0, 0, 255)
+
+
+def test_builtin_schemes_round_trip_through_their_json_form(tmp_path):
+    for name in SCHEMES:
+        s = get_scheme(name)
+        assert scheme_from_dict(s.to_dict(), "x") == s
+        assert get_scheme(_write(tmp_path, s.to_dict(), f"{name}_copy.json")) == s  # a file copy: equal
+
+
+def test_an_edited_file_is_read_again(tmp_path):
+    path = _write(tmp_path, TOY)
+    assert get_scheme(path).sigmas[0] == 0.05
+    (tmp_path / "toy5.json").write_text(json.dumps(dict(TOY, sigmas=[0.1] * 5, joint_weights=[2] * 5)))
+    assert get_scheme(path).sigmas == (0.1,) * 5
+
+
+@pytest.mark.parametrize(
+    "change, field, problem",
+    [
+        ({"flip_index": [0, 2, 1, 4]}, "flip_index", "expected 5 entries"),
+        ({"flip_index": [0, 2, 1, 4, 4]}, "flip_index", "not a permutation: index 3 never appears"),
+        ({"flip_index": [1, 2, 0, 4, 3]}, "flip_index", "head -> left_hand but left_hand -> right_hand"),
+        ({"flip_index": [0, 2, 1, 4, 5]}, "flip_index", r"entry 4 \(right_foot\) is 5"),
+        ({"sigmas": [0.05, 0.06, 0.0, 0.08, 0.08]}, "sigmas", "entry 2 .* a positive number"),
+        ({"names": ["a", "b", "b", "c", "d"]}, "names", "'b' appears more than once"),
+        ({"names": []}, "names", "non-empty list"),
+        ({"num_keypoints": 17}, "num_keypoints", "names has 5 entries"),
+        ({"skeleton": [[0, 5]]}, "skeleton", r"entry 0 is \[0, 5\]"),
+        ({"skeleton": [[1, 1]]}, "skeleton", "two different indices"),
+        ({"skeleton": [[0, 1]], "skeleton_colors": []}, "skeleton_colors", "expected 1 entries"),
+        ({"keypoint_colors": [[0, 0, 256]] * 5}, "keypoint_colors", "in 0..255"),
+        ({"keypoint_types": ["upper"] * 4 + ["leg"]}, "keypoint_types", "entry 4 .*'leg'"),
+        ({"joint_weights": [1, 1, 1, 1, -1]}, "joint_weights", "a number >= 0"),
+        ({"sigma": [0.1] * 5}, "sigma", "unknown field; valid fields: flip_index"),
+        ({"sigmas": None}, "sigmas", "expected 5 entries"),
+    ],
+)
+def test_a_bad_scheme_file_names_the_file_and_the_field(tmp_path, change, field, problem):
+    d = {**TOY, **change}
+    path = _write(tmp_path, d, "bad.json")
+    with pytest.raises(UserError, match=f"bad.json: {field}: .*{problem}"):
+        get_scheme(path)
+
+
+def test_missing_broken_or_incomplete_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="nowhere.json: keypoint scheme file not found"):
+        get_scheme(str(tmp_path / "nowhere.json"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(UserError, match="broken.json: not valid JSON"):
+        get_scheme(str(tmp_path / "broken.json"))
+    no_sigmas = {k: v for k, v in TOY.items() if k != "sigmas"}
+    with pytest.raises(UserError, match="incomplete.json: sigmas: missing"):
+        get_scheme(_write(tmp_path, no_sigmas, "incomplete.json"))
+    with pytest.raises(UserError, match="list.json: expected a JSON object"):
+        get_scheme(_write(tmp_path, [1, 2], "list.json"))
+
+
+def test_a_registered_definition_resolves_without_its_file(tmp_path, registry):
+    path = _write(tmp_path, TOY)
+    definition = get_scheme(path).to_dict()
+    (tmp_path / "toy5.json").unlink()
+    with pytest.raises(UserError, match="toy5.json: keypoint scheme file not found"):
+        get_scheme(path)
+    s = register_scheme(path, definition, source="ckpt/config.json")
+    assert get_scheme(path) == s and s.name == "toy5" and canonical_name(path) == path
+    assert register_scheme(path, definition, source="again") == s  # the same definition again: fine
+    other = dict(definition, sigmas=[0.1] * 5)
+    with pytest.raises(UserError, match="other/config.json: keypoint scheme .*toy5.json.* already defined"):
+        register_scheme(path, other, source="other/config.json")
+    with pytest.raises(
+        UserError, match="x/config.json: defines keypoint scheme 'coco17' unlike the built-in"
+    ):
+        register_scheme("coco17", definition, source="x/config.json")
+    # The registered definition wins over a (new, different) file at that path.
+    _write(tmp_path, dict(TOY, sigmas=[0.2] * 5))
+    assert get_scheme(path).sigmas == s.sigmas

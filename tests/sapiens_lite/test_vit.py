@@ -166,6 +166,17 @@ def test_sapiens_grid_1024x768_with_and_without_patch_padding():
         assert m(torch.randn(1, 3, 1024, 768)).shape == (1, 64, 64, 48)
 
 
+@pytest.mark.parametrize(
+    "patch, padding, hw",
+    [(16, 0, (64, 48)), (16, 2, (1024, 768)), (16, 7, (80, 33)), (14, 3, (224, 168)), (8, 1, (31, 17))],
+)
+def test_config_token_grid_is_the_patch_convs_output_size(patch, padding, hw):
+    cfg = ViTConfig("vit_test", patch_size=patch, patch_padding=padding, img_size=(patch * 4, patch * 3))
+    conv = nn.Conv2d(1, 1, kernel_size=patch, stride=patch, padding=padding)
+    assert cfg.token_grid(hw) == tuple(conv(torch.zeros(1, 1, *hw)).shape[-2:])
+    assert cfg.grid_size == cfg.token_grid(cfg.img_size) == (4, 3)
+
+
 def test_patch_padding_changes_the_patch_view():
     x = torch.randn(1, 3, *SMALL)
     m0, m2 = tiny(patch_padding=0), tiny(patch_padding=2)
@@ -264,6 +275,131 @@ def test_grad_checkpointing_same_outputs_and_gradients(monkeypatch, cls_token):
     ckpt.set_grad_checkpointing(False)
     ckpt(x).sum().backward()
     assert calls == []
+
+
+# ---- forward_intermediates / prune_intermediate_layers (timm's API) ----
+
+
+def _timm_pair(cls_token: bool, depth: int = 4):
+    """A timm VisionTransformer (square 4x4 grid) and ours with the same weights (a non-trivial norm)."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    torch.manual_seed(2)
+    ref = TimmViT(
+        img_size=64, patch_size=16, embed_dim=64, depth=depth, num_heads=2, num_classes=0,
+        class_token=cls_token, global_pool="", qkv_bias=True,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        ref.norm.weight.normal_(1.0, 0.5)
+        ref.norm.bias.normal_(0.0, 0.5)
+    ours = tiny(img_size=(64, 64), depth=depth, cls_token=cls_token).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def _assert_same(a, b):
+    if isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_forward_intermediates_equals_timm(cls_token):
+    ref, ours = _timm_pair(cls_token)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for indices in [None, 1, 3, [0, 2], [-1, 1], (-3,)]:
+            # every value of each flag, without the full product
+            for norm, fmt, stop_early in [
+                (False, "NCHW", False), (True, "NLC", True), (True, "NCHW", True), (False, "NLC", False),
+            ]:  # fmt: skip
+                kw = dict(indices=indices, norm=norm, output_fmt=fmt, stop_early=stop_early)
+                final, maps = ours.forward_intermediates(x, **kw)
+                ref_final, ref_maps = ref.forward_intermediates(x, **kw)
+                _assert_same(final, ref_final)
+                _assert_same(maps, ref_maps)
+            for kw in [
+                dict(intermediates_only=True),
+                dict(return_prefix_tokens=True, intermediates_only=True),
+            ]:
+                kw["indices"] = indices
+                _assert_same(ours.forward_intermediates(x, **kw), ref.forward_intermediates(x, **kw))
+    # Shapes, spelt out: NCHW maps [B, C, gh, gw] without the cls token, in block order.
+    final, maps = ours.forward_intermediates(x, indices=[2, 0])
+    assert final.shape == (2, int(cls_token) + 16, 64) and [m.shape for m in maps] == [(2, 64, 4, 4)] * 2
+    with pytest.raises(AssertionError, match="out of range"):
+        ours.forward_intermediates(x, indices=[4])
+    with pytest.raises(ValueError, match="output_fmt"):
+        ours.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_forward_intermediates_on_non_square_grids_and_other_sizes(cls_token):
+    m = tiny(depth=3, cls_token=cls_token).eval()  # 64x48 -> 4x3 grid
+    prefix = int(cls_token)
+    with torch.no_grad():
+        for hw, grid in [(SMALL, (4, 3)), ((96, 64), (6, 4))]:  # the stored grid and a resampled one
+            x = torch.randn(2, 3, *hw)
+            final, maps = m.forward_intermediates(x, indices=2, norm=True)
+            assert [t.shape for t in maps] == [(2, 64, *grid)] * 2
+            torch.testing.assert_close(final, m.forward_tokens(x))
+            torch.testing.assert_close(maps[-1], m.forward_features(x))  # the last block, normed
+            nlc = m.forward_intermediates(x, indices=[1], output_fmt="NLC", intermediates_only=True)[0]
+            assert nlc.shape == (2, grid[0] * grid[1], 64)
+            # Block 1's raw output, by hand: embed, two blocks, drop the prefix.
+            torch.testing.assert_close(nlc, m.blocks[1](m.blocks[0](m.embed(x)))[:, prefix:])
+
+
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_forward_intermediates_with_grad_checkpointing(monkeypatch, cls_token):
+    x = torch.randn(2, 3, *SMALL)
+    plain = tiny(depth=3, cls_token=cls_token)
+    ckpt = tiny(depth=3, cls_token=cls_token, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    outs = []
+    for m in (plain, ckpt):
+        final, maps = m.forward_intermediates(x, indices=[0, 1], norm=True, stop_early=True)
+        (final.square().mean() + sum(t.mean() for t in maps)).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        outs.append(([final.detach(), *[t.detach() for t in maps]], grads))
+    assert calls == [False, False]  # stop_early: blocks 0 and 1 only, each checkpointed
+    _assert_same(outs[0][0], outs[1][0])
+    assert outs[0][1].keys() == outs[1][1].keys() and "blocks.1.mlp.fc2.weight" in outs[0][1]
+    assert "blocks.2.mlp.fc2.weight" not in outs[0][1]  # never run
+    for name, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], g, msg=name)
+
+
+def test_prune_intermediate_layers_as_timm_and_saves(tmp_path):
+    ref, ours = _timm_pair(cls_token=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = ours.forward_intermediates(x, indices=[0, -3], intermediates_only=True)
+    kept = ours.prune_intermediate_layers([0, -3])
+    assert kept == ref.prune_intermediate_layers([0, -3]) == [0, 1]
+    assert len(ours.blocks) == len(ref.blocks) == 2 and ours.config.depth == 2
+    with torch.no_grad():
+        _assert_same(ours.forward_intermediates(x, indices=kept, intermediates_only=True), before)
+        _assert_same(ours.forward_intermediates(x, indices=kept), ref.forward_intermediates(x, indices=kept))
+    # prune_norm drops the final norm; the config follows, so the pruned model reloads as it is.
+    ours.prune_intermediate_layers(1, prune_norm=True)
+    assert isinstance(ours.norm, nn.Identity) and not ours.config.final_norm and ours.config.depth == 2
+    loaded = VisionTransformer.from_pretrained(ours.save_pretrained(tmp_path / "pruned"))
+    assert len(loaded.blocks) == 2 and isinstance(loaded.norm, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_tokens(x), ours.forward_tokens(x))
 
 
 def test_no_weight_decay_names_the_tokens():

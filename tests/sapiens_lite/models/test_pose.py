@@ -1,18 +1,17 @@
-"""Contract tests for the pose model: head key names (so Sapiens / transformers VitPose heads load
-strictly), output shapes, flip test, K-mismatch errors, and the Hub round trip."""
+"""Contract tests for the pose model: output shapes, flip test, K-mismatch errors, the Hub round trip.
+The heads' key names are checked in test_heads.py."""
+
+import json
 
 import pytest
 import torch
 
 from sapiens_lite.codec import flip_heatmaps
 from sapiens_lite.errors import UserError
+from sapiens_lite.models.heads import HeadConfig
 from sapiens_lite.models.pose import (
-    HeadConfig,
     PoseConfig,
     PoseModel,
-    SapiensHead,
-    VitPoseClassicHead,
-    VitPoseSimpleHead,
     build_pose_model,
     check_head_keypoints,
     head_num_keypoints,
@@ -44,69 +43,6 @@ def test_output_is_quarter_resolution(kind):
     assert model.predict(torch.randn(1, 3, *INPUT)).shape == (1, 17, 16, 12)
 
 
-def test_sapiens_head_keys_match_the_sapiens_checkpoints():
-    """Sapiens pose `.pth` head: deconv (no bias) / InstanceNorm (affine=False: no keys) / SiLU, x2; conv1x1 x2; final 1x1."""
-    head = SapiensHead(in_channels=1024, num_keypoints=308, channels=768)
-    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    assert shapes == {
-        "deconv_layers.0.weight": (1024, 768, 4, 4),
-        "deconv_layers.3.weight": (768, 768, 4, 4),
-        "conv_layers.0.weight": (768, 768, 1, 1),
-        "conv_layers.0.bias": (768,),
-        "conv_layers.3.weight": (768, 768, 1, 1),
-        "conv_layers.3.bias": (768,),
-        "final_layer.weight": (308, 768, 1, 1),
-        "final_layer.bias": (308,),
-    }
-    deconv = head.deconv_layers[0]
-    assert (deconv.kernel_size, deconv.stride, deconv.padding, deconv.output_padding) == (
-        (4, 4),
-        (2, 2),
-        (1, 1),
-        (0, 0),
-    )
-    assert isinstance(head.deconv_layers[1], torch.nn.InstanceNorm2d) and not head.deconv_layers[1].affine
-    assert isinstance(head.conv_layers[2], torch.nn.SiLU)
-    # A state dict with exactly these keys loads strictly into the whole model under `head.`.
-    model = build_pose_model("vit_test", "goliath308", input_size=INPUT)
-    sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
-    model.load_weights(sd, source="sapiens.pth")
-
-
-def _transformers_config(kind):
-    from transformers import VitPoseBackboneConfig, VitPoseConfig
-
-    bc = VitPoseBackboneConfig(
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=list(INPUT),
-        patch_size=[16, 16],
-    )
-    return VitPoseConfig(backbone_config=bc, num_labels=17, use_simple_decoder=kind == "simple")
-
-
-@pytest.mark.parametrize("kind", ["vitpose", "simple"])
-def test_vitpose_heads_match_transformers(kind):
-    """Our heads take transformers' VitPose decoder state dicts as they are (pure rename under `head.`)."""
-    from transformers.models.vitpose.modeling_vitpose import VitPoseClassicDecoder, VitPoseSimpleDecoder
-
-    cfg = _transformers_config(kind)
-    torch.manual_seed(1)
-    ref = (VitPoseSimpleDecoder if kind == "simple" else VitPoseClassicDecoder)(cfg).eval()
-    for p in ref.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    for name, buf in ref.named_buffers():
-        if "running_var" in name:
-            buf.uniform_(0.5, 2.0)
-        elif "running_mean" in name:
-            buf.normal_()
-    ours = (VitPoseSimpleHead(64, 17) if kind == "simple" else VitPoseClassicHead(64, 17)).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    feats = torch.randn(2, 64, 4, 3)
-    torch.testing.assert_close(ours(feats), ref(feats))
-
-
 def test_flip_test_is_flip_equivariant_and_differs_from_plain_forward():
     torch.manual_seed(0)
     model = tiny()
@@ -134,6 +70,10 @@ def test_checkpoint_with_wrong_keypoint_count_is_a_user_error():
     assert head_num_keypoints(sd, "sapiens") == 133
     with pytest.raises(UserError, match=r"ckpt\.pth.*133 keypoints.*'coco17' has 17"):
         model.load_weights(sd, source="ckpt.pth")
+    with pytest.raises(
+        UserError, match=r"17: coco17, 133: coco_wholebody133, 308: goliath308, or a scheme JSON"
+    ):
+        model.load_weights(sd, source="ckpt.pth")
     with pytest.raises(UserError, match="133"):
         check_head_keypoints(sd, model.config, "x")
 
@@ -143,12 +83,11 @@ def test_config_validation():
         PoseConfig(backbone=ViTConfig(img_size=(256, 192)), input_size=(1024, 768))
     with pytest.raises(ValueError, match="multiples of 16"):
         PoseConfig(input_size=(250, 192))
-    with pytest.raises(ValueError, match="channels"):
-        HeadConfig(kind="simple", channels=8)
     with pytest.raises(UserError, match="unknown keypoint scheme"):
         PoseConfig(scheme="nope")
+    with pytest.raises(UserError, match="nope.json: keypoint scheme file not found"):
+        PoseConfig(scheme="nope.json")
     assert PoseConfig().heatmap_size == (256, 192)
-    assert HeadConfig("vitpose").width == 256 and HeadConfig("sapiens").width == 768
 
 
 def test_hub_round_trip(tmp_path):
@@ -158,7 +97,34 @@ def test_hub_round_trip(tmp_path):
     assert loaded.config == model.config
     x = torch.randn(1, 3, *INPUT)
     torch.testing.assert_close(loaded(x), model(x))
-    import json
-
     info = json.loads((folder / "config.json").read_text())
     assert info["model_type"] == "pose" and info["num_keypoints"] == 17 and info["input_size"] == [64, 48]
+
+
+def test_a_scheme_file_travels_inside_the_checkpoint(tmp_path, monkeypatch):
+    """save_pretrained writes a scheme file's definition into config.json; from_pretrained needs no file."""
+    from sapiens_lite import keypoints
+
+    monkeypatch.setattr(keypoints, "_REGISTERED", {})  # as in a fresh process
+    toy = {
+        "names": ["head", "left_hand", "right_hand"],
+        "flip_index": [0, 2, 1],
+        "sigmas": [0.05, 0.06, 0.06],
+        "skeleton": [[0, 1], [0, 2]],
+    }
+    path = tmp_path / "toy3.json"
+    path.write_text(json.dumps(toy))
+    model = tiny("simple", scheme=str(path))
+    assert model.scheme.num_keypoints == 3 and model.scheme.name == "toy3"
+    folder = model.save_pretrained(tmp_path / "pose")
+    info = json.loads((folder / "config.json").read_text())
+    assert info["keypoint_scheme"] == "toy3" and info["num_keypoints"] == 3
+    assert info["keypoint_scheme_definition"] == keypoints.get_scheme(str(path)).to_dict()
+    path.unlink()
+    loaded = PoseModel.from_pretrained(folder)
+    assert loaded.scheme == model.scheme and loaded.config == model.config
+    x = torch.randn(1, 3, *INPUT)
+    torch.testing.assert_close(loaded.predict(x), model.predict(x))
+    # A built-in scheme is not copied into the checkpoint.
+    plain = tiny("simple").save_pretrained(tmp_path / "coco")
+    assert "keypoint_scheme_definition" not in json.loads((plain / "config.json").read_text())
