@@ -47,11 +47,10 @@ from sapiens_lite import topdown
 from sapiens_lite.codec import encode_heatmaps
 from sapiens_lite.errors import UserError
 from sapiens_lite.keypoints import KeypointScheme, get_scheme
+from sapiens_lite.models.pose import HEATMAP_STRIDE
 from sapiens_train.coco import _raw_keypoints, load_coco_keypoints
 
 log = logging.getLogger(__name__)
-
-HEATMAP_STRIDE = 4
 
 
 @dataclass

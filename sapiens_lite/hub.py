@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -89,21 +90,9 @@ class HubMixin:
         except UserError as e:
             raise UserError(f"{folder / CONFIG_NAME}: {e}") from None
         state_dict = load_weights(folder, map_location=map_location)
-        target_dtype = torch.get_default_dtype()
-        state_dict = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        # Build on the meta device (no random init of a 2B model just to overwrite it), then take the
-        # loaded tensors. Non-strict loads, and models with tensors outside the state dict
-        # (non-persistent buffers), are built normally so that nothing stays on the meta device.
-        with torch.device("meta"):
-            model = cls(cfg)
-        check_state_dict(model, state_dict, strict=strict, source=folder)
-        if strict:
-            model.load_state_dict(state_dict, assign=True)
-        if not strict or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-            model = cls(cfg)
-            model.load_state_dict(state_dict, strict=strict)
-            model.to(map_location)
-        return model.eval()
+        return build_with_weights(
+            lambda: cls(cfg), state_dict, strict=strict, source=folder, map_location=map_location
+        )
 
     # ---- save ----
 
@@ -320,6 +309,35 @@ def load_weights(
             raise UserError(f"{folder / name}: weight shard listed in {WEIGHTS_INDEX_NAME} not found")
         state_dict.update(load_file(folder / name, device=device))
     return state_dict
+
+
+def build_with_weights(
+    build: Callable[[], torch.nn.Module],
+    state_dict: dict[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    source="state dict",
+    map_location: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """`build()` holding `state_dict`, in eval mode, with float tensors in the default dtype (fp32).
+
+    Built on the meta device and given the loaded tensors (`assign=True`): no random init of a 2B model
+    only to overwrite it. Keys and shapes are checked first (`check_state_dict`, naming `source`).
+    Non-strict loads, and models with tensors outside their state dict (non-persistent buffers), are
+    built normally so that nothing stays on the meta device.
+    """
+    dtype = torch.get_default_dtype()
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    with torch.device("meta"):
+        model = build()
+    check_state_dict(model, state_dict, strict=strict, source=source)
+    if strict:
+        model.load_state_dict(state_dict, assign=True)
+    if not strict or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model = build()
+        model.load_state_dict(state_dict, strict=strict)
+        model.to(map_location)
+    return model.eval()
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict, *, strict: bool, source) -> None:

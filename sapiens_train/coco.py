@@ -220,9 +220,9 @@ def load_coco_keypoints(
                 )
             try:
                 scheme = scheme_for_num_keypoints(n // 3)
-            except UserError:
+            except UserError as e:  # its message lists the built-in schemes
                 raise UserError(
-                    f"{path}: annotation {first.get('id')} has {n // 3} keypoints; supported: 17, 133, 308"
+                    f"{path}: annotation {first.get('id')}: {e}"
                 ) from None
     K = scheme.num_keypoints
 

@@ -67,7 +67,10 @@ def scheme_sources(scheme: str) -> np.ndarray:
             elif n.startswith(f"{side}_") and n.endswith("1") and n[:-1].rsplit("_", 1)[-1] in _FINGER_WORDS:
                 g = f"{n[:-1]}_third_joint"
         if g not in gidx:
-            raise AssertionError(f"{name}: keypoint {n!r} has no Goliath source")
+            raise UserError(
+                f"scheme {name}: keypoint {n!r} is not one the synthesizer draws (a Goliath-308 or "
+                "COCO-WholeBody face name); name the scheme's points after those to synthesize it"
+            )
         out.append(gidx[g])
     return np.array(out)
 

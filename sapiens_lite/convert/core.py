@@ -32,6 +32,7 @@ from sapiens_lite.convert.common import (
     model_shapes,
 )
 from sapiens_lite.errors import UserError
+from sapiens_lite.hub import build_with_weights
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def build_backbone(conv: Converted, **overrides):
         cfg = ViTConfig(**_vit_kwargs(conv, overrides))
     except ValueError as e:
         raise UserError(f"{conv.source}: {e}") from None
-    return _materialise(lambda: VisionTransformer(cfg), adapt_to(conv, cfg))
+    return build_with_weights(lambda: VisionTransformer(cfg), adapt_to(conv, cfg), source=conv.source)
 
 
 def head_config(conv: Converted):
@@ -232,7 +233,7 @@ def build_pose_model(conv: Converted, *, scheme: str | None = None, **backbone_o
     sd.update({f"head.{k}": v for k, v in conv.head.items()})
     check_head_keypoints(sd, cfg, conv.source)  # a clearer message than the shape mismatch below
     check_keys(sd, model_shapes(lambda: PoseModel(cfg)), f"{conv.source}: pose model")
-    return _materialise(lambda: PoseModel(cfg), sd)
+    return build_with_weights(lambda: PoseModel(cfg), sd, source=conv.source)
 
 
 def build_model(conv: Converted, *, arch: str | None = None, scheme: str | None = None, **vit_overrides):
@@ -250,23 +251,6 @@ def build_model(conv: Converted, *, arch: str | None = None, scheme: str | None 
     if scheme is not None:
         raise UserError(f"{conv.source}: scheme={scheme!r} given, but the checkpoint has no pose head")
     return build_backbone(conv, **vit_overrides)
-
-
-def _materialise(build, sd: dict[str, torch.Tensor]):
-    """`build()` holding `sd` (checked to fit exactly), in eval mode, floats in the default dtype.
-
-    Built on the meta device and given the tensors (`assign=True`): no random init of a 2B model
-    only to overwrite it. A model with tensors outside its state dict is built normally instead.
-    """
-    dtype = torch.get_default_dtype()
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    with torch.device("meta"):
-        model = build()
-    model.load_state_dict(sd, strict=True, assign=True)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        model = build()
-        model.load_state_dict(sd, strict=True)
-    return model.eval()
 
 
 def _vit_kwargs(conv: Converted, overrides: dict) -> dict:
