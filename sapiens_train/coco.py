@@ -221,9 +221,7 @@ def load_coco_keypoints(
             try:
                 scheme = scheme_for_num_keypoints(n // 3)
             except UserError as e:  # its message lists the built-in schemes
-                raise UserError(
-                    f"{path}: annotation {first.get('id')}: {e}"
-                ) from None
+                raise UserError(f"{path}: annotation {first.get('id')}: {e}") from None
     K = scheme.num_keypoints
 
     person_ids = {1}
