@@ -44,9 +44,10 @@ def add_eval_command(sub) -> None:
         "eval",
         help="OKS AP / PCK evaluation of a pose model",
         description=(
-            "Top-down evaluation on a COCO-format val set (COCO, the official COCO-WholeBody file, 308 points): "
-            "OKS AP/AR as MMPose / xtcocotools compute them, per part (body, foot, face, hands) where the "
-            "scheme has parts, PCK@0.05 on ground-truth boxes; writes results.json, metrics.json and overlays."
+            "Top-down evaluation on a COCO-format val set (COCO 17, the official COCO-WholeBody file, "
+            "308 points): OKS AP/AR as MMPose / xtcocotools compute them, per part (body, foot, face, "
+            "hands) where the scheme has parts, PCK@0.05 on ground-truth boxes; writes results.json, "
+            "metrics.json and overlays."
         ),
     )
     p.add_argument(

@@ -24,7 +24,7 @@ The conventions, and where they come from:
   OKS-NMS     thr 0.9; area of a pair = mean of the two crops'   MMPose oks_nms / oks_iou ("mmpose", default);
               areas (box x 1.25, grown to the input aspect)      "box": raw w x h of the better pose
   GT area     the file's `area`; missing: 0.53 x box w x h        xtcocotools use_area=False (with a warning)
-  parts       a person without a labelled point in the part is   xtcocotools COCOeval(iouType="keypoints_<part>")
+  parts       a person without a labelled point in the part is   xtcocotools iouType="keypoints_<part>"
               ignored; a prediction with no score > 0 there is
               dropped; OKS scale = the whole person's area
 
@@ -187,7 +187,7 @@ def detection_instances(
     min_box_size: float = 1.0,
     source: str = "detections",
 ) -> tuple[list[Instance], int]:
-    """Person detections above `score_thr` on images of the GT file (other images are ignored), in file order."""
+    """Person detections above `score_thr` on images of the GT file (others are ignored), in file order."""
     images = {im["id"]: im for im in gt["images"]}
     if not isinstance(detections, list):
         raise UserError(f"{source}: expected a list of {{image_id, bbox, score, category_id}}")
@@ -581,8 +581,9 @@ def write_overlays(
         j = int(np.argmax(oks))
         pairs.append((oks[j], a, by_image[a["image_id"]][j]))
     pairs.sort(key=lambda t: t[0])
-    best = pairs[::-1][:count]
-    worst = [p for p in pairs if all(p[1] is not b[1] for b in best)][:count]
+    n_best = min(count, (len(pairs) + 1) // 2)  # few people: half best, half worst, none twice
+    best = pairs[::-1][:n_best]
+    worst = pairs[: min(count, len(pairs) - n_best)]
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -607,7 +608,7 @@ def write_overlays(
                         draw_keypoints(crop, np.concatenate([p_xy, shown], 1), scheme, kpt_thr=0.5),
                     ]
                 ],
-                labels=["ground truth", f"prediction, OKS {oks:.2f}"],
+                labels=[f"ground truth (annotation {a['id']})", f"prediction, OKS {oks:.2f}"],
             )
             path = folder / f"{name}_{i}.jpg"
             ok, buf = cv2.imencode(".jpg", panel[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])

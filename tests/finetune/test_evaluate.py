@@ -1,4 +1,4 @@
-"""Evaluation metrics: our OKS AP equals a direct pycocotools call; PCK on a hand-computed case; NMS; bad input.
+"""Evaluation metrics: OKS AP equals a direct pycocotools call; PCK on a hand-computed case; NMS; bad input.
 
 The COCO-WholeBody / 308-point part APs are checked in test_evaluate_parts.py.
 """
@@ -98,8 +98,8 @@ def test_coco17_ap_matches_direct_pycocotools():
 
 
 def test_coco17_ap_follows_xtcocotools_for_unlabelled_people_and_zero_score_results():
-    """Like xtcocotools (MMPose's evaluator): a person is ignored when no point is labelled, whatever the file's
-    num_keypoints says, and a result whose scores are all 0 is left out."""
+    """Like xtcocotools (MMPose's evaluator): a person is ignored when no point is labelled, whatever the
+    file's num_keypoints says, and a result whose scores are all 0 is left out."""
     gt, results = make_gt_and_results(17, seed=4)
     sigmas = get_scheme("coco17").sigmas
     gt["annotations"][0]["num_keypoints"] = 99  # stale count: the labels decide
@@ -169,7 +169,7 @@ def test_oks_nms_drops_duplicates_keeps_distinct():
 
 
 def _mmpose_oks_iou(g, d, a_g, a_d, sigmas):
-    """MMPose's oks_iou (mmpose/evaluation/functional/nms.py), written out from its source as the reference."""
+    """MMPose's oks_iou (mmpose/evaluation/functional/nms.py), written out from its source: the reference."""
     var = (np.asarray(sigmas) * 2) ** 2
     ious = np.zeros(len(d), dtype=np.float32)
     for n in range(len(d)):
@@ -284,6 +284,32 @@ def test_format_metrics_table():
     assert format_metrics(m).splitlines()[1].split()[0] == "all"
 
 
+def test_write_overlays_ranks_people_by_their_best_oks(tmp_path):
+    import cv2
+
+    from finetune.evaluate import write_overlays
+
+    gt, results = make_gt_and_results(17, seed=8, images=3, people=2)
+    (tmp_path / "img").mkdir()
+    for im in gt["images"]:
+        cv2.imwrite(str(tmp_path / "img" / im["file_name"]), np.full((480, 640, 3), 127, np.uint8))
+    anns = gt["annotations"]
+    results[0]["keypoints"] = list(anns[0]["keypoints"])  # a perfect prediction: OKS 1
+    gt = check_gt(gt, 17)
+    scheme = get_scheme("coco17")
+    written = write_overlays(tmp_path / "ov", gt, results, tmp_path / "img", scheme, count=2)
+    assert [p.name for p, _ in written] == ["best_1.jpg", "best_2.jpg", "worst_1.jpg", "worst_2.jpg"]
+    best_oks = []
+    for a in gt["annotations"]:  # each person's best OKS over the results of its image
+        preds = [
+            np.reshape(r["keypoints"], (17, 3))[:, :2] for r in results if r["image_id"] == a["image_id"]
+        ]
+        best_oks.append(max(instance_oks(a, xy, scheme.sigmas) for xy in preds))
+    ranked = sorted(best_oks)
+    assert [o for _, o in written] == pytest.approx([ranked[-1], ranked[-2], ranked[0], ranked[1]])
+    assert written[0][1] == pytest.approx(1.0)
+
+
 def _tiny_model(scheme="coco17"):
     import torch
 
@@ -334,9 +360,9 @@ def test_evaluate_model_end_to_end_writes_results_and_counts_missing_images(tmp_
     assert np.isfinite(x).all() and (x > -200).all() and (y < 700).all()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["AP"] == m["AP"]
     assert boxes  # (used above only for the sanity bound)
-    # Overlays: 4 people on readable images -> the 3 best, and the 1 left as the worst.
+    # Overlays: 4 people on readable images -> the 2 best and the 2 worst.
     shots = sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir())
-    assert shots == ["best_1.jpg", "best_2.jpg", "best_3.jpg", "worst_1.jpg"]
+    assert shots == ["best_1.jpg", "best_2.jpg", "worst_1.jpg", "worst_2.jpg"]
     panel = cv2.imread(str(tmp_path / "out" / "overlays" / "worst_1.jpg"))
     assert panel.shape[0] > 384 and panel.shape[1] > panel.shape[0]  # two panels side by side
 

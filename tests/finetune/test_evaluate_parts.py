@@ -28,7 +28,7 @@ needs_xtcocotools = pytest.mark.skipif(
     XtCOCO is None, reason="xtcocotools not importable (build it from source against numpy 2 to run this)"
 )
 
-# COCO-WholeBody as its paper and the official files define it: field name -> keypoint indices in the 133 order.
+# COCO-WholeBody as its paper and official files define it: field -> keypoint indices in the 133 order.
 WHOLEBODY_FIELDS = {
     "keypoints": range(0, 17),
     "foot_kpts": range(17, 23),
@@ -257,7 +257,7 @@ def test_noisy_part_aps_equal_per_part_pycocotools_reference(wholebody):
     for field, ids in WHOLEBODY_FIELDS.items():
         ref = reference_part(split, results_split, field, sigmas[list(ids)])
         part = PART_OF_FIELD[field]
-        # AP / AR over all sizes; the medium / large ones also depend on results' areas (checked with xtcocotools).
+        # AP / AR over all sizes; medium / large also depend on results' areas (checked with xtcocotools).
         for i in (0, 1, 2, 5, 6, 7):
             assert ours[f"{part}/{STATS[i]}"] == pytest.approx(ref[i], abs=1e-9), (part, STATS[i])
         aps.append(ref[0])
