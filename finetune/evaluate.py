@@ -148,16 +148,17 @@ def check_gt(gt: dict, num_keypoints: int, source: str = "annotations") -> dict:
 def gt_instances(gt: dict, *, min_box_size: float = 0.0) -> tuple[list[Instance], int]:
     """One instance per person of MMPose's top-down val set, in its order (annotation id).
 
-    MMPose keeps a person when it is not a crowd, its `num_keypoints` > 0 and its box, clipped to the
-    image (x1 = clip(x, 0, W - 1), x2 = clip(x + w, 0, W - 1), likewise y), is wider and taller than
-    `min_box_size`; the clipped box is the one cropped. Returns (instances, number of skipped degenerate
-    boxes); the caller logs the count.
+    MMPose keeps a person when it is not a crowd, its `num_keypoints` > 0, a keypoint coordinate is > 0
+    and its box, clipped to the image (x1 = clip(x, 0, W - 1), x2 = clip(x + w, 0, W - 1), likewise y),
+    is wider and taller than `min_box_size`; the clipped box is the one cropped. Returns (instances,
+    number of skipped degenerate boxes); the caller logs the count.
     """
     images = {im["id"]: im for im in gt["images"]}
     out, skipped = [], 0
     for i in sorted(range(len(gt["annotations"])), key=lambda i: gt["annotations"][i]["id"]):
         a = gt["annotations"][i]
-        if a["iscrowd"] or a["num_keypoints"] == 0 or max(a["keypoints"]) <= 0:
+        kp = a["keypoints"]
+        if a["iscrowd"] or a["num_keypoints"] == 0 or max(kp[0::3] + kp[1::3]) <= 0:  # no coordinate > 0
             continue
         im = images.get(a["image_id"])
         if im is None:
@@ -611,7 +612,7 @@ def write_overlays(
                 labels=[f"ground truth (annotation {a['id']})", f"prediction, OKS {oks:.2f}"],
             )
             path = folder / f"{name}_{i}.jpg"
-            ok, buf = cv2.imencode(".jpg", panel[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+            _, buf = cv2.imencode(".jpg", panel[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_bytes(buf.tobytes())
             os.replace(tmp, path)

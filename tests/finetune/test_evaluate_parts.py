@@ -25,7 +25,9 @@ try:
 except Exception:  # absent, or PyPI's wheel built against numpy 1 ("numpy.dtype size changed")
     XtCOCO = XtCOCOeval = None
 needs_xtcocotools = pytest.mark.skipif(
-    XtCOCO is None, reason="xtcocotools not importable (build it from source against numpy 2 to run this)"
+    XtCOCO is None,
+    reason="xtcocotools not importable; PyPI's wheel needs numpy 1, build it: pip install cython && "
+    "pip install --no-build-isolation --no-binary xtcocotools xtcocotools",
 )
 
 # COCO-WholeBody as its paper and official files define it: field -> keypoint indices in the 133 order.
