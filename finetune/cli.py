@@ -44,8 +44,10 @@ def add_eval_command(sub) -> None:
         "eval",
         help="OKS AP / PCK evaluation of a pose model",
         description=(
-            "Top-down evaluation on a COCO-format val set: OKS AP/AR (pycocotools, the scheme's sigmas), "
-            "COCO-WholeBody part APs for 133 keypoints, PCK@0.05 on ground-truth boxes."
+            "Top-down evaluation on a COCO-format val set (COCO 17, the official COCO-WholeBody file, "
+            "308 points): OKS AP/AR as MMPose / xtcocotools compute them, per part (body, foot, face, "
+            "hands) where the scheme has parts, PCK@0.05 on ground-truth boxes; writes results.json, "
+            "metrics.json and overlays."
         ),
     )
     p.add_argument(
@@ -58,20 +60,21 @@ def add_eval_command(sub) -> None:
     p.add_argument("--images", help="val image folder (default: data.val_images of the config)")
     p.add_argument("--detections", help="detections JSON; default: ground-truth boxes")
     p.add_argument("--no-flip", action="store_true", help="disable flip test")
-    p.add_argument("--out", help="folder for results.json and metrics.json (default: next to the checkpoint)")
+    p.add_argument(
+        "--out", help="folder for results.json, metrics.json and overlays/ (default: <checkpoint>/eval)"
+    )
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args) -> int:
-    import json
     from dataclasses import replace
     from pathlib import Path
 
     import torch
 
     from finetune.config import FinetuneConfig
-    from finetune.evaluate import evaluate_model
+    from finetune.evaluate import evaluate_model, format_metrics
     from sapiens_lite.config import load_config
     from sapiens_lite.errors import UserError
     from sapiens_lite.loading import load_pose_model
@@ -100,7 +103,14 @@ def run_eval(args) -> int:
     metrics = evaluate_model(
         model.to(device).eval(), ann, images, ev, device=device, out_dir=out, num_workers=cfg.data.num_workers
     )
-    print(json.dumps(metrics, indent=1))
+    boxes = f"detections {ev.detections}" if ev.detections else "ground-truth boxes"
+    print(
+        f"{ann}: {model.scheme.num_keypoints} keypoints ({model.scheme.name}), {boxes}, "
+        f"flip test {'on' if ev.flip_test else 'off'}, OKS-NMS {ev.nms_thr:g} ({ev.nms_area} area)"
+    )
+    print(format_metrics(metrics, tuple(model.scheme.parts)))
+    print(f"results: {out / 'results.json'}  metrics: {out / 'metrics.json'}")
+    print(f"overlays (best and worst OKS, ground truth | prediction): {out / 'overlays'}")
     return 0
 
 

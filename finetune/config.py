@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from finetune.data import AugmentConfig
 from finetune.losses import LossConfig
@@ -87,7 +88,10 @@ class EvalConfig:
     kpt_score_thr: float = 0.2
     """Keypoints above this score count in the instance score (mmpose rescoring)."""
     nms_thr: float = 0.9
-    """OKS-NMS threshold per image (detections only)."""
+    """OKS-NMS threshold per image, on detections and GT boxes alike as in MMPose (1.0 keeps every pose)."""
+    nms_area: Literal["mmpose", "box"] = "mmpose"
+    """OKS-NMS area: "mmpose" = MMPose's oks_nms (mean of the two crops' areas, box x 1.25 grown to the input
+    aspect); "box" = the raw box w x h of the higher-scoring pose."""
     pck_thr: float = 0.05
     """PCK radius as a fraction of the GT box size max(w, h)."""
     max_images: int | None = None

@@ -15,6 +15,8 @@ files next to this module, converted from the public dataset definitions):
     keypoint_colors  K RGB triples for drawing (default orange)
     skeleton         [a, b] index pairs to draw as limbs (default none)
     skeleton_colors  one RGB triple per limb (default green)
+    parts            {"body": [indices], "foot": [...], ...}: groups of keypoints that get their own OKS AP
+                     in evaluation (default none; see README.md next to this module)
     scheme           optional display name (default: the file name without .json)
     num_keypoints    optional, checked against len(names)
 
@@ -67,6 +69,9 @@ class KeypointScheme:
     keypoint_types: tuple[str, ...]  # "upper" / "lower" (used by half-body augmentation)
     sigmas: tuple[float, ...]  # OKS per-keypoint sigmas
     joint_weights: tuple[float, ...]
+    # Named groups of keypoints that get their own AP (COCO-WholeBody's body / foot / face / lefthand /
+    # righthand); empty when the JSON has no "parts". The AP over all keypoints is always reported.
+    parts: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict, hash=False)
 
     @property
     def num_keypoints(self) -> int:
@@ -102,6 +107,7 @@ class KeypointScheme:
             "keypoint_colors": [list(c) for c in self.keypoint_colors],
             "skeleton": [list(p) for p in self.skeleton],
             "skeleton_colors": [list(c) for c in self.skeleton_colors],
+            "parts": {part: list(ids) for part, ids in self.parts.items()},
         }
 
 
@@ -183,6 +189,16 @@ def scheme_from_dict(d: dict, source: str, default_name: str = "custom") -> Keyp
         if not _is_rgb(c):
             raise bad("skeleton_colors", f"entry {e} is {c!r}; expected [r, g, b] in 0..255")
 
+    parts = d.get("parts", {})
+    if not isinstance(parts, dict):
+        raise bad("parts", 'expected {"part name": [keypoint indices], ...}')
+    for part, ids in parts.items():
+        ok = isinstance(ids, list) and ids and all(_is_int(v) and 0 <= v < k for v in ids)
+        if not ok or len(set(ids)) != len(ids):
+            raise bad(
+                "parts", f"{part!r} is {ids!r}; expected a non-empty list of distinct indices in [0, {k})"
+            )
+
     return KeypointScheme(
         name=name,
         names=tuple(names),
@@ -193,6 +209,7 @@ def scheme_from_dict(d: dict, source: str, default_name: str = "custom") -> Keyp
         keypoint_types=tuple(types),
         sigmas=tuple(float(s) for s in sigmas),
         joint_weights=tuple(float(w) for w in weights),
+        parts={part: tuple(ids) for part, ids in parts.items()},
     )
 
 

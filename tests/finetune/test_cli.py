@@ -55,7 +55,13 @@ def test_eval_command_writes_metrics(tmp_path, capsys):
     assert rc == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert {"AP", "AR", "PCK@0.05"} <= set(metrics) and metrics["num_instances"] == 4
-    assert json.loads(capsys.readouterr().out)["AP"] == metrics["AP"]
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("all "))
+    assert row[1] == f"{metrics['AP']:.3f}"  # a table of 3-decimal numbers, and where the files went
+    assert (
+        str(tmp_path / "out" / "results.json") in out
+        and (tmp_path / "out" / "overlays" / "best_1.jpg").is_file()
+    )
 
 
 def test_eval_checkpoint_with_the_wrong_head_exits_2_naming_file_and_counts(tmp_path, capsys):

@@ -1,7 +1,11 @@
-"""Evaluation metrics: our OKS AP equals a direct pycocotools call; PCK on a hand-computed case; NMS; bad input."""
+"""Evaluation metrics: OKS AP equals a direct pycocotools call; PCK on a hand-computed case; NMS; bad input.
+
+The COCO-WholeBody / 308-point part APs are checked in test_evaluate_parts.py.
+"""
 
 import contextlib
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -13,12 +17,15 @@ from finetune.evaluate import (
     check_gt,
     coco_keypoint_metrics,
     detection_instances,
+    format_metrics,
     gt_instances,
+    instance_oks,
+    nms_areas,
+    oks_matrix,
     oks_nms,
     pck,
     rescore,
     to_coco_results,
-    wholebody_metrics,
 )
 from sapiens_lite.errors import UserError
 from sapiens_lite.keypoints import get_scheme
@@ -90,21 +97,38 @@ def test_coco17_ap_matches_direct_pycocotools():
     assert coco_keypoint_metrics(gt, perfect, sigmas)["AP"] == pytest.approx(1.0)
 
 
-def test_wholebody_part_ap_matches_direct_pycocotools_on_the_slice():
-    gt, results = make_gt_and_results(133, seed=1)
-    sigmas = np.array(get_scheme("coco_wholebody133").sigmas)
-    ours = wholebody_metrics(gt, results, sigmas)
-    assert set(ours) >= {"body/AP", "foot/AP", "face/AP", "lefthand/AP", "righthand/AP", "wholebody/AP"}
-    a, b = 91, 112  # left hand
-    gt_part = dict(
-        gt, annotations=[dict(x, keypoints=x["keypoints"][3 * a : 3 * b]) for x in gt["annotations"]]
-    )
-    res_part = [dict(r, keypoints=r["keypoints"][3 * a : 3 * b]) for r in results]
-    ref = direct_cocoeval(gt_part, res_part, sigmas[a:b])
-    assert ours["lefthand/AP"] == pytest.approx(ref[0])
-    ref_all = direct_cocoeval(gt, [dict(r) for r in results], sigmas)
-    assert ours["wholebody/AP"] == pytest.approx(ref_all[0])
-    assert ours["face/AP"] != ours["body/AP"]  # parts really differ
+def test_coco17_ap_follows_xtcocotools_for_unlabelled_people_and_zero_score_results():
+    """Like xtcocotools (MMPose's evaluator): a person is ignored when no point is labelled, whatever the
+    file's num_keypoints says, and a result whose scores are all 0 is left out."""
+    gt, results = make_gt_and_results(17, seed=4)
+    sigmas = get_scheme("coco17").sigmas
+    gt["annotations"][0]["num_keypoints"] = 99  # stale count: the labels decide
+    gt["annotations"][1]["keypoints"][2::3] = [0] * 17  # nothing labelled: ignored
+    results[2]["keypoints"][2::3] = [0.0] * 17  # all scores 0: left out
+    ours = coco_keypoint_metrics(check_gt(gt, 17), results, sigmas)
+    ref_gt = dict(gt, annotations=[dict(a) for a in gt["annotations"]])
+    ref_gt["annotations"][0]["num_keypoints"] = 17 - gt["annotations"][0]["keypoints"][2::3].count(0)
+    ref_gt["annotations"][1]["num_keypoints"] = 0
+    ref = direct_cocoeval(ref_gt, [dict(r) for i, r in enumerate(results) if i != 2], sigmas)
+    np.testing.assert_allclose([ours[n] for n in ("AP", "AP50", "AP75", "AR")], ref[[0, 1, 2, 5]], atol=1e-12)
+
+
+def test_instance_oks_matches_pycocotools_computeoks():
+    gt, results = make_gt_and_results(17, seed=6, images=1, people=3)
+    sigmas = np.array(get_scheme("coco17").sigmas)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "keypoints")
+        ev.params.kpt_oks_sigmas = sigmas
+        ev.evaluate()
+    dts = sorted(results, key=lambda r: -r["score"])  # the rows of ev.ious: results by falling score
+    ours = [
+        [instance_oks(a, np.reshape(d["keypoints"], (17, 3))[:, :2], sigmas) for a in gt["annotations"]]
+        for d in dts
+    ]
+    np.testing.assert_allclose(ours, ev.ious[(1, 1)], rtol=1e-12)
 
 
 def test_pck_hand_computed():
@@ -132,10 +156,75 @@ def test_oks_nms_drops_duplicates_keeps_distinct():
     rng = np.random.default_rng(0)
     a = rng.uniform(0, 100, (17, 2))
     kpts = np.stack([a, a + 0.5, a + 300])  # 0 and 1 are the same person
-    keep = oks_nms(
-        kpts, np.array([0.8, 0.9, 0.7]), np.full(3, 100.0 * 100.0), get_scheme("coco17").sigmas, 0.9
-    )
-    assert keep == [1, 2]
+    for convention in ("mmpose", "box"):
+        keep = oks_nms(
+            kpts,
+            np.array([0.8, 0.9, 0.7]),
+            np.full(3, 100.0 * 100.0),
+            get_scheme("coco17").sigmas,
+            0.9,
+            convention=convention,
+        )
+        assert keep == [1, 2]
+
+
+def _mmpose_oks_iou(g, d, a_g, a_d, sigmas):
+    """MMPose's oks_iou (mmpose/evaluation/functional/nms.py), written out from its source: the reference."""
+    var = (np.asarray(sigmas) * 2) ** 2
+    ious = np.zeros(len(d), dtype=np.float32)
+    for n in range(len(d)):
+        e = (
+            ((d[n, :, 0] - g[:, 0]) ** 2 + (d[n, :, 1] - g[:, 1]) ** 2)
+            / var
+            / ((a_g + a_d[n]) / 2 + np.spacing(1))
+            / 2
+        )
+        ious[n] = np.sum(np.exp(-e)) / len(e)
+    return ious
+
+
+def test_oks_nms_conventions_on_two_poses_3px_apart_in_a_60x160_box():
+    """Two poses 3 px apart (x and y) in a 60x160 box: the raw box area gives OKS 0.900 (both kept at 0.9),
+    MMPose's padded, aspect-fixed crop area (150 x 200 for a 3:4 input) gives 0.965 (one kept)."""
+    sigmas = np.array(get_scheme("coco17").sigmas)
+    rng = np.random.default_rng(1)
+    a = np.stack([rng.uniform(100, 160, 17), rng.uniform(50, 210, 17)], 1)
+    kpts = np.stack([a, a + 3.0])
+    ins = [Instance(1, "a.jpg", (100.0, 50.0, 60.0, 160.0), s) for s in (0.9, 0.8)]
+    box, mm = nms_areas(ins, "box"), nms_areas(ins, "mmpose", input_size=(256, 192))
+    np.testing.assert_allclose(box, [9600.0, 9600.0])
+    np.testing.assert_allclose(mm, [150.0 * 200.0] * 2)
+    scores = np.array([0.9, 0.8])
+
+    oks_box = oks_matrix(kpts, np.full((2, 2), 9600.0), sigmas)[0, 1]
+    ref_mm = _mmpose_oks_iou(kpts[0], kpts[1:], mm[0], mm[1:], sigmas)[0]
+    assert round(oks_box, 3) == 0.900 and round(float(ref_mm), 3) == 0.965
+    assert oks_nms(kpts, scores, box, sigmas, 0.9, convention="box") == [0, 1]
+    assert oks_nms(kpts, scores, mm, sigmas, 0.9, convention="mmpose") == [0]
+
+    # Equal scores: MMPose visits scores.argsort()[::-1], so the later pose is the one kept.
+    tie = np.array([0.5, 0.5])
+    assert oks_nms(kpts, tie, mm, sigmas, 0.9, convention="mmpose") == [1]
+    assert oks_nms(kpts, tie, mm, sigmas, 0.99, convention="box") == [0, 1]
+    assert oks_nms(kpts, tie, np.full(2, 1e6), sigmas, 0.9, convention="box") == [0]
+
+
+def test_oks_nms_mmpose_convention_matches_mmpose_reference_on_random_poses():
+    """MMPose's oks_nms loop (written out from its source) on crowded random poses keeps the same poses."""
+    sigmas = np.array(get_scheme("coco17").sigmas)
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0, 200, (4, 17, 2))
+    kpts = np.concatenate([base + rng.normal(0, s, base.shape) for s in (0.5, 2.0, 4.0)])  # [12, 17, 2]
+    scores = rng.uniform(0, 1, len(kpts))
+    areas = rng.uniform(2000, 20000, len(kpts))
+    order, ref = scores.argsort()[::-1], []
+    while len(order):
+        i = order[0]
+        ref.append(int(i))
+        ovr = _mmpose_oks_iou(kpts[i], kpts[order[1:]], areas[i], areas[order[1:]], sigmas)
+        order = order[np.where(ovr <= 0.9)[0] + 1]
+    ours = oks_nms(kpts, scores, areas, sigmas, 0.9, convention="mmpose")
+    assert ours == ref and 4 <= len(ours) < 12
 
 
 def test_bad_input_errors_and_skips():
@@ -154,6 +243,71 @@ def test_bad_input_errors_and_skips():
     assert len(inst) == 1
     with pytest.raises(UserError, match="lacks"):
         detection_instances(gt, [{"image_id": 1}])
+
+
+def test_check_gt_without_area_warns_naming_file_count_and_rule(caplog):
+    gt, _ = make_gt_and_results(17, images=2)
+    for a in gt["annotations"][:3]:
+        del a["area"]
+    with caplog.at_level(logging.WARNING, logger="finetune.evaluate"):
+        out = check_gt(gt, 17, "val.json")
+    msg = caplog.text
+    assert "val.json" in msg and "3 of 4 annotations" in msg and "0.53 x box width x height" in msg
+    w, h = gt["annotations"][0]["bbox"][2:]
+    assert out["annotations"][0]["area"] == pytest.approx(0.53 * w * h)
+    assert out["annotations"][3]["area"] == gt["annotations"][3]["area"]
+
+
+def test_gt_instances_follow_mmpose_clip_order_and_filters():
+    gt, _ = make_gt_and_results(17, images=1, people=4)
+    anns = gt["annotations"]
+    anns[0]["id"], anns[1]["id"] = 20, 10  # MMPose's order is the annotation id
+    anns[1]["bbox"] = [-10.0, 400.0, 100.0, 200.0]  # sticks out of the 640x480 image: clipped
+    anns[2]["iscrowd"] = 1
+    anns[3]["num_keypoints"] = 0  # the file's count decides, as in MMPose's dataset
+    inst, skipped = gt_instances(check_gt(gt, 17))
+    assert skipped == 0 and [i.ann_index for i in inst] == [1, 0]
+    assert inst[0].bbox == pytest.approx((0.0, 400.0, 90.0, 79.0))
+
+
+def test_format_metrics_table():
+    m = dict.fromkeys(["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"], 0.5)
+    m.update(
+        {"body/AP": 0.61234, "PCK@0.05": 0.25, "num_instances": 7, "skipped_boxes": 0, "missing_images": 1}
+    )
+    text = format_metrics(m, ("body",))
+    lines = text.splitlines()
+    assert lines[0].split() == ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
+    assert lines[1].split()[:2] == ["body", "0.612"] and lines[1].split()[2] == "-"
+    assert lines[2].split()[0] == "wholebody" and lines[2].split()[1] == "0.500"
+    assert "PCK@0.05 0.250" in text and "7 people evaluated" in text and "1 images missing" in text
+    assert format_metrics(m).splitlines()[1].split()[0] == "all"
+
+
+def test_write_overlays_ranks_people_by_their_best_oks(tmp_path):
+    import cv2
+
+    from finetune.evaluate import write_overlays
+
+    gt, results = make_gt_and_results(17, seed=8, images=3, people=2)
+    (tmp_path / "img").mkdir()
+    for im in gt["images"]:
+        cv2.imwrite(str(tmp_path / "img" / im["file_name"]), np.full((480, 640, 3), 127, np.uint8))
+    anns = gt["annotations"]
+    results[0]["keypoints"] = list(anns[0]["keypoints"])  # a perfect prediction: OKS 1
+    gt = check_gt(gt, 17)
+    scheme = get_scheme("coco17")
+    written = write_overlays(tmp_path / "ov", gt, results, tmp_path / "img", scheme, count=2)
+    assert [p.name for p, _ in written] == ["best_1.jpg", "best_2.jpg", "worst_1.jpg", "worst_2.jpg"]
+    best_oks = []
+    for a in gt["annotations"]:  # each person's best OKS over the results of its image
+        preds = [
+            np.reshape(r["keypoints"], (17, 3))[:, :2] for r in results if r["image_id"] == a["image_id"]
+        ]
+        best_oks.append(max(instance_oks(a, xy, scheme.sigmas) for xy in preds))
+    ranked = sorted(best_oks)
+    assert [o for _, o in written] == pytest.approx([ranked[-1], ranked[-2], ranked[0], ranked[1]])
+    assert written[0][1] == pytest.approx(1.0)
 
 
 def _tiny_model(scheme="coco17"):
@@ -181,6 +335,8 @@ def _write_val_set(tmp_path, k=17, images=2):
 def test_evaluate_model_end_to_end_writes_results_and_counts_missing_images(tmp_path):
     import json
 
+    import cv2
+
     from finetune.config import EvalConfig
     from finetune.evaluate import evaluate_model
 
@@ -204,6 +360,11 @@ def test_evaluate_model_end_to_end_writes_results_and_counts_missing_images(tmp_
     assert np.isfinite(x).all() and (x > -200).all() and (y < 700).all()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["AP"] == m["AP"]
     assert boxes  # (used above only for the sanity bound)
+    # Overlays: 4 people on readable images -> the 2 best and the 2 worst.
+    shots = sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir())
+    assert shots == ["best_1.jpg", "best_2.jpg", "worst_1.jpg", "worst_2.jpg"]
+    panel = cv2.imread(str(tmp_path / "out" / "overlays" / "worst_1.jpg"))
+    assert panel.shape[0] > 384 and panel.shape[1] > panel.shape[0]  # two panels side by side
 
 
 def test_evaluate_model_with_detections_applies_nms(tmp_path):

@@ -251,3 +251,38 @@ def test_a_registered_definition_resolves_without_its_file(tmp_path, registry):
     # The registered definition wins over a (new, different) file at that path.
     _write(tmp_path, dict(TOY, sigmas=[0.2] * 5))
     assert get_scheme(path).sigmas == s.sigmas
+
+
+def test_parts_wholebody_ranges_goliath_split_disjoint():
+    """COCO-WholeBody's part fields in the 133 order; Goliath's split in Sapiens' GoliathMetric sizes (the
+    names rule is checked in tests/finetune/test_evaluate_parts.py); COCO-17 has none."""
+    assert get_scheme("coco17").parts == {}
+    wb = get_scheme("coco_wholebody133").parts
+    assert {p: (ids[0], ids[-1] + 1, len(ids)) for p, ids in wb.items()} == {
+        "body": (0, 17, 17),
+        "foot": (17, 23, 6),
+        "face": (23, 91, 68),
+        "lefthand": (91, 112, 21),
+        "righthand": (112, 133, 21),
+    }
+    g = get_scheme("goliath308")
+    assert {p: len(ids) for p, ids in g.parts.items()} == {
+        "body": 17,
+        "foot": 6,
+        "face": 238,
+        "lefthand": 20,
+        "righthand": 20,
+    }
+    assert [g.names[i] for i in g.parts["body"]] == COCO17
+    for scheme in (get_scheme("coco_wholebody133"), g):
+        flat = [i for ids in scheme.parts.values() for i in ids]
+        assert len(flat) == len(set(flat))
+    hash(g)  # still hashable (parts is left out of the hash)
+
+
+def test_parts_in_a_scheme_file_are_checked(tmp_path):
+    s = get_scheme(_write(tmp_path, dict(TOY, parts={"limbs": [1, 2, 3, 4]}), "parts.json"))
+    assert s.parts == {"limbs": (1, 2, 3, 4)} and scheme_from_dict(s.to_dict(), "x") == s
+    for bad in ({"limbs": [1, 5]}, {"limbs": []}, {"limbs": [1, 1]}, [[1, 2]]):
+        with pytest.raises(UserError, match="bad.json: parts: "):
+            get_scheme(_write(tmp_path, dict(TOY, parts=bad), "bad.json"))
