@@ -1,6 +1,6 @@
 """`sapiens data synth | pack | inspect`: make, pack and look at datasets.
 
-    sapiens data synth OUT --num-images N --seed S ...        procedural people + COCO JSON (H3's synth.py)
+    sapiens data synth OUT --num-images N --seed S ...        procedural people + COCO JSON
     sapiens data pack --images DIR --out SHARDS                 image folder -> webdataset shards
     sapiens data pack --coco ann.json [--image-root DIR] --out SHARDS
     sapiens data pack --synth N --seed S --out SHARDS           synthesize, then pack

@@ -3,7 +3,7 @@
 Sources (each gives a sorted list of `PackItem`s):
     collect_folder(root)                 every image under root (recursive), sorted by relative path
     collect_coco(json_path, image_root)  one sample per COCO image, with its people's annotations
-    synthesize_source(out_dir, n, ...)   H3's synthesizer writes images + COCO JSON, packed as above
+    synthesize_source(out_dir, n, ...)   the synthesizer writes images + COCO JSON, packed as above
 
 A sample is `KEY.jpg` + `KEY.json`. The JSON holds {"file_name", "width", "height"} and, for COCO
 and synthesized sources, {"image_id", "annotations": [...]}: one dict per person with
@@ -149,7 +149,7 @@ def collect_folder(root: str | os.PathLike) -> tuple[list[PackItem], dict]:
 
 
 def collect_coco(json_path: str | os.PathLike, image_root: str | os.PathLike | None = None):
-    """One item per image of a COCO keypoint file (17 / WholeBody 133 / 308), via H3's coco.py."""
+    """One item per image of a COCO keypoint file (17 / WholeBody 133 / 308), via sapiens_train.coco."""
     from sapiens_train.coco import load_coco_keypoints
 
     json_path = Path(json_path)
