@@ -44,3 +44,24 @@ def measure_matmul_peak(
 def mfu(flops_per_s: float, peak_tflops: float) -> float:
     """Model FLOPs utilisation: achieved FLOP/s over the measured peak (a fraction)."""
     return flops_per_s / (peak_tflops * 1e12)
+
+
+def device_name(device: torch.device | str) -> str:
+    """What the figures were measured on: the GPU's name, or the CPU with its thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def write_json(path: str, obj: dict) -> None:
+    """A benchmark's figures as JSON (written atomically), for bench/run_all.py."""
+    import json
+    import os
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

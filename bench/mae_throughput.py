@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._peak import measure_matmul_peak, mfu  # noqa: E402
+from bench._peak import device_name, measure_matmul_peak, mfu, write_json  # noqa: E402
 from pretrain.mae import MaskedAutoencoder, mae_config, mae_train_flops  # noqa: E402
 from sapiens_train.engine import compile_blocks  # noqa: E402
 from sapiens_train.monitor import peak_memory_gib  # noqa: E402
@@ -221,6 +221,25 @@ def run_compare(args) -> None:
             print(f"speed-up ours{suffix} / transformers{suffix}: {a['img_s'] / b['img_s']:.2f}x")
     if device.type == "cuda":
         print(f"peak GPU memory of the run: {peak_memory_gib(device):.1f} GiB")
+    if args.out:  # for bench/run_all.py
+        rows = {
+            name: None if r is None else {**r, "mfu": mfu(r["img_s"] * flops_per_img, peak)}
+            for name, r in results.items()
+        }
+        write_json(
+            args.out,
+            {
+                "benchmark": "mae_training",
+                "device": device_name(device),
+                "arch": args.arch,
+                "size": list(args.size),
+                "batch": args.batch,
+                "dtype": args.dtype,
+                "peak_tflops": peak,
+                "flops_per_image": flops_per_img,
+                "rows": rows,
+            },
+        )
 
 
 def find_largest(args) -> None:
@@ -314,6 +333,7 @@ def main(argv=None) -> None:
         help="give transformers the fused AdamW too (isolates the model)",
     )
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per implementation")
+    p.add_argument("--out", help="also write the figures as JSON here (bench/run_all.py reads it)")
     p.add_argument(
         "--find-largest", action="store_true", help="largest batch of sapiens_0.3b..2b in --memory-gb"
     )
