@@ -226,6 +226,7 @@ def _write_image(path, rgb) -> None:
 
 
 def run_predict(args) -> int:
+    import sys
     from pathlib import Path
 
     from tqdm import tqdm
@@ -262,7 +263,7 @@ def run_predict(args) -> int:
 
     def skip(name: str, reason: str) -> None:
         skipped.append(name)
-        tqdm.write(f"sapiens predict: skipped {name}: {reason}")
+        tqdm.write(f"sapiens predict: skipped {name}: {reason}", file=sys.stderr)
 
     # ---- images: read (skipping what cannot be read), predict in shared batches, write as they complete
     images = [s for s in sources if s.kind == "image"]

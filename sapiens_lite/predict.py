@@ -141,7 +141,10 @@ def predict_crops(
     device = model_device(model) if device is None else torch.device(device)
     mean = torch.tensor(model.config.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(model.config.std, device=device).view(1, 3, 1, 1)
-    x = ((crops.to(device, non_blocking=True).float() - mean) / std).to(model_dtype(model))  # [B, 3, H, W]
+    x = ((crops.to(device, non_blocking=True).float() - mean) / std).to(model_dtype(model))
+    x = (
+        x.contiguous()
+    )  # [B, 3, H, W]; crops cut channels-last arrive permuted: one memory layout, one arithmetic
     heatmaps = model.predict(x, flip_test=flip_test)  # [B, K, h, w]
     xy, scores = codec.decode_heatmaps(heatmaps, input_size=input_size)  # input frame, [B, K, 2]
     return crops_to_image(xy, centers, scales, input_size), scores
