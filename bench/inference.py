@@ -237,16 +237,17 @@ def run_e2e(args, arch: str, device, dtype, peak: float) -> None:
         def run():
             for i in range(0, n_images, b):
                 inputs = proc(images[i : i + b], boxes=boxes[i : i + b], return_tensors="pt")
-                with torch.no_grad():
+                with torch.inference_mode():
                     out = model(pixel_values=inputs["pixel_values"].to(device, dtype))
                 out.heatmaps = out.heatmaps.float()  # numpy (their post-processing) has no bf16
                 proc.post_process_pose_estimation(out, boxes=boxes[i : i + b])
 
         return run
 
+    # Model rows run under inference_mode, as the estimator does (a compiled graph is specialised on it).
     def transformers_model(model):
         def run():
-            with torch.no_grad():
+            with torch.inference_mode():
                 model(pixel_values=x)
 
         return run
@@ -255,7 +256,11 @@ def run_e2e(args, arch: str, device, dtype, peak: float) -> None:
         return lambda: estimator.predict(images, boxes)
 
     def ours_model(model):
-        return lambda: model.predict(x, flip_test=False)
+        def run():
+            with torch.inference_mode():
+                model.predict(x, flip_test=False)
+
+        return run
 
     est = PoseEstimator(ours, device=device, dtype=dtype, batch_size=b)
     rows = {
