@@ -32,7 +32,7 @@ else
     DECODE=(--decode-batch 16 --decode-steps 10)
     E2E=(--archs sapiens_0.3b --size 1024 768 --batch 32 --dtype bf16 --e2e-batches 2 --steps 3 --warmup 2)
     E2E_1B=(--archs sapiens_1b --size 1024 768 --batch 32 --dtype bf16 --e2e-batches 2 --steps 3 --warmup 2)
-    T_DECODE=60 T_E2E=200 T_COMPILE=150 T_COMPILE_1B=100  # 510 s at most
+    T_DECODE=45 T_E2E=150 T_COMPILE=170 T_COMPILE_1B=130  # 495 s at most
 fi
 
 section() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
