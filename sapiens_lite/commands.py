@@ -337,12 +337,15 @@ def run_predict(args) -> int:
 
     if len(skipped) == len(sources):
         raise UserError(f"{args.source}: none of the {len(sources)} inputs could be read")
-    what = [f"{n_images} images"] if images else []
-    what += [f"{n_videos} videos ({n_frames} frames)"] if n_videos else []
-    print(
-        f"sapiens predict: {', '.join(what)}, {n_people} people -> {out}"
-        + (f"; skipped {len(skipped)} unreadable input{'s' if len(skipped) > 1 else ''}" if skipped else "")
-    )
+
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}{'' if n == 1 else 's'}"
+
+    what = [count(n_images, "image")] if images else []
+    what += [f"{count(n_videos, 'video')} ({count(n_frames, 'frame')})"] if n_videos else []
+    what += ["1 person" if n_people == 1 else f"{n_people} people"]
+    skips = f"; skipped {count(len(skipped), 'unreadable input')}" if skipped else ""
+    print(f"sapiens predict: {', '.join(what)} -> {out}{skips}")
     return 0
 
 

@@ -69,7 +69,7 @@ class Person:
         return {
             "image_id": image_id,
             "category_id": 1,
-            "keypoints": [round(float(v), 3) for v in self.keypoints.reshape(-1)],
+            "keypoints": [round(float(v), 3) + 0.0 for v in self.keypoints.reshape(-1)],  # + 0.0: no "-0.0"
             "score": round(self.score, 5),
             "bbox": [round(float(v), 2) for v in self.bbox],
         }
@@ -126,7 +126,8 @@ class PoseEstimator:
 
     model: a `PoseModel` (or an exported program from `sapiens_lite.export.load_exported`).
     device / dtype: where and in what precision the model runs ("fp32", "bf16", "fp16"; default: cuda
-        if available, fp32). compile: `torch.compile` the model (the first batches take longer).
+        if available, fp32; an exported model: where it was loaded, in its own dtype).
+    compile: `torch.compile` the model, in place (the first batches take longer).
     flip_test: average with the mirror image's heatmaps (twice the model work; default off).
     batch_size: persons per model call, gathered across images.
     detector: boxes for images given without any (see sapiens_lite.boxes); None: the whole image.
@@ -145,7 +146,9 @@ class PoseEstimator:
     ):
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device) if device is not None else default_device()
+        if device is None:  # an exported model stays where it was loaded (ONNX: the CPU)
+            device = default_device() if isinstance(model, torch.nn.Module) else model.device
+        self.device = torch.device(device)
         if isinstance(model, torch.nn.Module):
             self.dtype = resolve_dtype(dtype)
             model = model.to(device=self.device, dtype=self.dtype).eval()

@@ -50,7 +50,7 @@ def test_predict_photo_video_and_a_corrupt_file(inputs, capsys):
     assert rc == 0, captured.err
     assert "skipped " + str(inputs / "in" / "broken.jpg") in captured.err
     assert (
-        "1 images, 1 videos (6 frames), 7 people" in captured.out
+        "1 image, 1 video (6 frames), 7 people" in captured.out
         and "skipped 1 unreadable input" in captured.out
     )
     assert sorted(p.name for p in out.iterdir()) == [
