@@ -255,3 +255,17 @@ def test_person_results():
     assert coco["image_id"] == 7 and coco["category_id"] == 1 and coco["bbox"] == [1.0, 2.0, 30.0, 40.0]
     assert len(coco["keypoints"]) == 3 * k and coco["keypoints"][3:6] == [1.0, 2.0, 0.9]
     assert p.to_dict()["left_eye"] == pytest.approx((1.0, 2.0, 0.9))
+
+
+def test_from_pretrained_reads_foreign_checkpoints(tmp_path):
+    """Anything load_model reads: here a transformers VitPose folder, converted on the fly."""
+    from tests.sapiens_lite.test_convert_equivalence import _vitpose
+
+    ref = _vitpose(simple=False)
+    ref.save_pretrained(tmp_path / "hf")
+    est = PoseEstimator.from_pretrained(tmp_path / "hf", device="cpu")
+    assert (
+        est.input_size == (64, 48) and est.scheme.name == "coco17" and est.model.config.head.kind == "vitpose"
+    )
+    (person,) = est(np.zeros((64, 48, 3), np.uint8))
+    assert person.keypoints.shape == (17, 3) and len(person.names) == 17
