@@ -24,6 +24,8 @@ from sapiens_lite.errors import UserError
 BUILTIN_COMMANDS: dict[str, str] = {
     "info": "sapiens_lite.commands:add_info_command",
     "convert": "sapiens_lite.commands:add_convert_command",
+    "predict": "sapiens_lite.commands:add_predict_command",
+    "export": "sapiens_lite.commands:add_export_command",
 }
 ENTRY_POINT_GROUP = "sapiens.commands"
 
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 _HELP: dict[str, str] = {
     "info": "versions, device, and the model archs with parameter counts and GFLOPs",
     "convert": "convert a foreign checkpoint (Sapiens .pth, MAE, timm, transformers) to our safetensors format",
+    "predict": "keypoints of the people in an image, a folder, a glob or a video (JSON + overlays)",
+    "export": "export a pose model to a torch.export program (.pt2) or an ONNX file",
     "data": "synthesize, pack, and inspect datasets (webdataset shards)",
     "pretrain": "MAE pretraining with DeepSpeed",
     "export-backbone": "consolidate a pretraining run's (ZeRO) checkpoint into a backbone folder",

@@ -112,6 +112,15 @@ def _gaussian_kernel1d(size: int, device) -> torch.Tensor:
     return (g / g.sum()).to(device=device, dtype=torch.float32)
 
 
+def _blur_matrix(kernel_size: int, device) -> torch.Tensor:
+    """[4 + k, 5] banded matrix: a (4 + k)-long signal @ it = the k-tap Gaussian blur at its 5 central points."""
+    g = _gaussian_kernel1d(kernel_size, device)
+    m = torch.zeros(4 + kernel_size, 5, device=device)
+    for o in range(5):
+        m[o : o + kernel_size, o] = g
+    return m
+
+
 def refine_dark_udp(
     keypoints: torch.Tensor, heatmaps: torch.Tensor, blur_kernel_size: int = BLUR_KERNEL_SIZE
 ) -> torch.Tensor:
@@ -123,50 +132,54 @@ def refine_dark_udp(
     mmpose blurs each whole heatmap (zero padding), rescales it so its maximum equals the raw
     maximum, clips to [1e-3, 50], takes the log, pads by edge replication and does one Newton step
     with central differences at the argmax. Here the blur is computed only on the 5x5 pixels around
-    the argmax (from a zero-padded (4 + k)x(4 + k) patch), and the rescaling uses the largest blurred
-    value among them. The derivatives of the log are unaffected by that rescaling (it adds a
-    constant); it only moves the 1e-3 clip floor, and only when the blurred map's maximum lies more
-    than 2 pixels from the raw argmax (several peaks).
+    the argmax (from a zero-padded (4 + k)x(4 + k) patch, as two small matrix products), and the
+    rescaling uses the largest blurred value among them. The derivatives of the log are unaffected by
+    that rescaling (it adds a constant); it only moves the 1e-3 clip floor, and only when the blurred
+    map's maximum lies more than 2 pixels from the raw argmax (several peaks).
     """
     assert blur_kernel_size % 2 == 1
     h, w = heatmaps.shape[-2:]
     lead = heatmaps.shape[:-2]
-    hm = heatmaps.reshape(-1, h * w).float()  # [N, h*w]
+    hm = heatmaps.reshape(-1, h * w)  # [N, h*w], any float dtype: only the patches become float32
     n = hm.shape[0]
     device = hm.device
-    x0 = keypoints.reshape(n, 2)[:, 0].long()
-    y0 = keypoints.reshape(n, 2)[:, 1].long()
+    kpts = keypoints.reshape(n, 2)
+    x0, y0 = kpts[:, 0].long(), kpts[:, 1].long()
 
     size = 4 + blur_kernel_size  # patch giving blurred values on a 5x5 grid around the argmax
     offs = torch.arange(size, device=device) - (size // 2)
-    rows = y0[:, None] + offs  # [N, P]
-    cols = x0[:, None] + offs  # [N, P]
-    row_ok = (rows >= 0) & (rows < h)
-    col_ok = (cols >= 0) & (cols < w)
-    idx = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]  # [N, P, P]
-    patch = hm.gather(1, idx.reshape(n, -1)).reshape(n, size, size)
-    patch = patch * (row_ok[:, :, None] & col_ok[:, None, :])  # zero padding outside the heatmap
+    rows, cols = y0[:, None] + offs, x0[:, None] + offs  # [N, P]
+    row_ok = ((rows >= 0) & (rows < h)).float()
+    col_ok = ((cols >= 0) & (cols < w)).float()
+    idx = (rows.clamp(0, h - 1) * w)[:, :, None] + cols.clamp(0, w - 1)[:, None, :]  # [N, P, P]
+    patch = hm.gather(1, idx.view(n, -1)).view(n, size, size).float()
+    patch = patch * row_ok[:, :, None] * col_ok[:, None, :]  # zero padding outside the heatmap
 
-    g = _gaussian_kernel1d(blur_kernel_size, device)
-    blurred = patch.unfold(2, blur_kernel_size, 1) @ g  # [N, P, 5] along x
-    blurred = blurred.transpose(1, 2).unfold(2, blur_kernel_size, 1) @ g  # [N, 5(x), 5(y)]
-    blurred = blurred.transpose(1, 2)  # [N, 5(y), 5(x)]
+    blur = _blur_matrix(blur_kernel_size, device)  # [P, 5]
+    blurred = blur.T @ (patch @ blur)  # [N, 5(y), 5(x)]: along x, then along y
 
     grid = torch.arange(-2, 3, device=device)
     inside = ((y0[:, None] + grid >= 0) & (y0[:, None] + grid < h))[:, :, None]
     inside = inside & ((x0[:, None] + grid >= 0) & (x0[:, None] + grid < w))[:, None, :]
-    raw_max = hm.gather(1, (y0 * w + x0)[:, None])  # [N, 1]
+    raw_max = patch[:, size // 2, size // 2, None]  # [N, 1]: the heatmap value at the argmax
     blur_max = blurred.masked_fill(~inside, float("-inf")).flatten(1).amax(dim=1, keepdim=True)
-    logmap = torch.log((blurred * (raw_max / blur_max)[:, :, None]).clamp(1e-3, 50.0))  # [N, 5, 5]
 
-    def at(dx: int, dy: int) -> torch.Tensor:
-        # Edge replication of the (blurred, log) heatmap: clamp to the image, then index the 5x5 grid.
-        xi = (x0 + dx).clamp(0, w - 1) - x0 + 2
-        yi = (y0 + dy).clamp(0, h - 1) - y0 + 2
-        return logmap[torch.arange(n, device=device), yi, xi]  # [N]
+    # Edge replication of the (blurred, log) map at the 3x3 neighbours: clamp to the heatmap, then
+    # index the 5x5 grid (centre at 2, 2).
+    step = torch.arange(-1, 2, device=device)
+    xi = (x0[:, None] + step).clamp(0, w - 1) - x0[:, None] + 2  # [N, 3]
+    yi = (y0[:, None] + step).clamp(0, h - 1) - y0[:, None] + 2
+    near = blurred[torch.arange(n, device=device)[:, None, None], yi[:, :, None], xi[:, None, :]]  # [N, 3, 3]
+    logmap = torch.log((near * (raw_max / blur_max)[:, :, None]).clamp(1e-3, 50.0))  # [N, 3(y), 3(x)]
 
-    i_, ix1, ix1_, iy1, iy1_ = at(0, 0), at(1, 0), at(-1, 0), at(0, 1), at(0, -1)
-    ix1y1, ix1_y1_ = at(1, 1), at(-1, -1)
+    i_, ix1, ix1_, iy1, iy1_ = (
+        logmap[:, 1, 1],
+        logmap[:, 1, 2],
+        logmap[:, 1, 0],
+        logmap[:, 2, 1],
+        logmap[:, 0, 1],
+    )
+    ix1y1, ix1_y1_ = logmap[:, 2, 2], logmap[:, 0, 0]
     dx = 0.5 * (ix1 - ix1_)
     dy = 0.5 * (iy1 - iy1_)
     dxx = ix1 - 2 * i_ + ix1_
@@ -176,11 +189,9 @@ def refine_dark_udp(
     a, d = dxx + eps, dyy + eps
     det = a * d - dxy * dxy
     # offset = -H^-1 @ grad, with the closed-form inverse of the 2x2 Hessian.
-    off_x = -(d * dx - dxy * dy) / det
-    off_y = -(-dxy * dx + a * dy) / det
-    offset = torch.stack([off_x, off_y], dim=-1)
+    offset = torch.stack([-(d * dx - dxy * dy) / det, -(-dxy * dx + a * dy) / det], dim=-1)
     offset = torch.where(torch.isfinite(offset), offset, torch.zeros_like(offset))
-    out = keypoints.reshape(n, 2).float() + offset
+    out = kpts.float() + offset
     return out.reshape(*lead, 2)
 
 
@@ -193,9 +204,14 @@ def decode_heatmaps(
 
     Keypoints are in the heatmap frame, or in the input frame when `input_size` (H, W) is given.
     A keypoint whose maximum is <= 0 is returned at (-1, -1) in the heatmap frame (mmpose).
+    Half-precision heatmaps are read as they are (no float32 copy of the maps: the argmax pass is the
+    cost, one read of every heatmap value); only the refinement patches are computed in float32.
     """
-    heatmaps = heatmaps.detach().float()
+    heatmaps = heatmaps.detach()
+    if not heatmaps.is_floating_point():
+        heatmaps = heatmaps.float()
     locs, scores = get_heatmap_maximum(heatmaps)
+    scores = scores.float()
     kpts = refine_dark_udp(locs, heatmaps, blur_kernel_size)
     kpts = torch.where((scores > 0)[..., None], kpts, torch.full_like(kpts, -1.0))
     if input_size is not None:

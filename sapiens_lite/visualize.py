@@ -1,6 +1,7 @@
 """Drawing: keypoint/skeleton overlays, contact sheets and image grids (numpy RGB uint8 in and out).
 
     overlay = draw_keypoints(image, keypoints, "coco17")          # keypoints [K, 3] or [N, K, 3] (x, y, score)
+    overlay = draw_people(image, people, "coco17", kpt_thr=0.3)  # PoseEstimator's persons, with their boxes
     sheet = contact_sheet([overlay, ...], cols=4, tile_size=256)
     grid = image_grid([[original, masked, reconstruction], ...], labels=["image", "masked", "MAE"])
 
@@ -91,6 +92,29 @@ def draw_keypoints(
             color = tuple(float(c) for c in scheme.keypoint_colors[k])
             cv2.circle(img, tuple(fixed[k].tolist()), r * _ONE, color, -1, cv2.LINE_AA, _SHIFT)
     return img
+
+
+def draw_boxes(image, boxes, *, color=(0, 200, 255), thickness: int | None = None) -> np.ndarray:
+    """A copy of `image` with boxes [N, 4+] (x, y, w, h, ...) in image pixels drawn as rectangles."""
+    img = as_rgb_uint8(image).copy()
+    t = thickness if thickness is not None else max(1, int(round(max(img.shape[:2]) / 400)))
+    b = np.asarray(boxes, dtype=np.float64)
+    b = b.reshape(-1, b.shape[-1]) if b.size else np.zeros((0, 4))
+    for x, y, w, h in b[:, :4]:
+        p0 = (int(round(x * _ONE)), int(round(y * _ONE)))
+        p1 = (int(round((x + w - 1) * _ONE)), int(round((y + h - 1) * _ONE)))
+        cv2.rectangle(img, p0, p1, tuple(float(c) for c in color), t, cv2.LINE_AA, _SHIFT)
+    return img
+
+
+def draw_people(image, people, scheme: str | KeypointScheme, *, kpt_thr: float = 0.3, boxes: bool = True):
+    """A copy of `image` with each `sapiens_lite.estimator.Person`'s box (if `boxes`) and skeleton drawn."""
+    img = as_rgb_uint8(image)
+    if not people:
+        return img.copy()
+    if boxes:
+        img = draw_boxes(img, np.stack([p.bbox for p in people]))
+    return draw_keypoints(img, np.stack([p.keypoints for p in people]), scheme, kpt_thr=kpt_thr)
 
 
 def _fit(image: np.ndarray, th: int, tw: int, fill: int) -> np.ndarray:

@@ -155,3 +155,18 @@ def test_keypoints_to_image_inverts_the_crop_numpy_and_torch():
     assert isinstance(back_t, torch.Tensor) and back_t.shape == (4, 10, 3)
     np.testing.assert_allclose(back_t[..., :2].numpy(), img_pts, atol=1e-3)
     assert back_t[..., 2].eq(1).all()
+
+
+def test_half_precision_heatmaps_decode_as_their_float32_copy():
+    """bf16 / fp16 heatmaps (a model run in half precision) are read in place, with the same result."""
+    g = torch.Generator().manual_seed(3)
+    kpts = torch.rand(2, 30, 2, generator=g) * torch.tensor([191.0, 255.0])
+    heatmaps, _ = codec.encode_heatmaps(kpts, torch.ones(2, 30), (256, 192), (64, 48), 2.0)
+    heatmaps = heatmaps + 0.05 * torch.rand(heatmaps.shape, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = heatmaps.to(dtype)
+        ours, scores = codec.decode_heatmaps(half, input_size=(256, 192))
+        ref, ref_scores = codec.decode_heatmaps(half.float(), input_size=(256, 192))
+        assert scores.dtype == torch.float32
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0)
