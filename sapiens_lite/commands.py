@@ -227,6 +227,7 @@ def _write_image(path, rgb) -> None:
 
 def run_predict(args) -> int:
     import sys
+    import time
     from pathlib import Path
 
     from tqdm import tqdm
@@ -260,6 +261,7 @@ def run_predict(args) -> int:
     scheme = estimator.scheme
     progress = not args.no_progress
     skipped: list[str] = []
+    t0 = time.perf_counter()  # throughput: reading, prediction, drawing and writing; not the model load
 
     def skip(name: str, reason: str) -> None:
         skipped.append(name)
@@ -345,7 +347,9 @@ def run_predict(args) -> int:
     what += [f"{count(n_videos, 'video')} ({count(n_frames, 'frame')})"] if n_videos else []
     what += ["1 person" if n_people == 1 else f"{n_people} people"]
     skips = f"; skipped {count(len(skipped), 'unreadable input')}" if skipped else ""
-    print(f"sapiens predict: {', '.join(what)} -> {out}{skips}")
+    seconds = time.perf_counter() - t0
+    rate = f" in {seconds:.1f} s ({(n_images + n_frames) / seconds:.1f} images/s)" if seconds > 0 else ""
+    print(f"sapiens predict: {', '.join(what)} -> {out}{rate}{skips}")
     return 0
 
 
