@@ -230,7 +230,8 @@ def train(cfg: FinetuneConfig, checked: dict | None = None, *, resume: bool = Tr
 
 def finish(cfg: FinetuneConfig, engine: Engine, summary: dict, hook: EvalHook | None) -> dict:
     """A final evaluation (unless the hook just made it) and `save_pretrained` into run_dir/final."""
-    print(f"[finetune] {summary['steps']} steps, final loss {summary['final_loss']}", flush=True)
+    if engine.is_main:
+        print(f"[finetune] {summary['steps']} steps, final loss {summary['final_loss']}", flush=True)
     final: dict = {}
     if hook is not None:
         done = hook.history and hook.history[-1]["step"] == engine.step  # the hook just evaluated this step

@@ -12,13 +12,17 @@ import random
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from sapiens_lite.errors import UserError
+
+T = TypeVar("T")
 
 
 def _free_port() -> int:
@@ -29,14 +33,39 @@ def _free_port() -> int:
 
 # Set by MPI launchers (`deepspeed --launcher openmpi`, mpirun); DeepSpeed then discovers ranks via mpi4py.
 _MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+# A process's rank on its node, by launcher: torchrun and the deepspeed launcher (LOCAL_RANK), Open MPI,
+# MVAPICH, MPICH/Intel MPI (hydra), Cray PALS, srun. Under MPI launchers DeepSpeed fills LOCAL_RANK only
+# inside init_distributed.
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                    "PALS_LOCAL_RANKID", "SLURM_LOCALID")  # fmt: skip
+
+
+def launcher_local_rank() -> int:
+    """This process's rank on its node as its launcher announced it (0 without a launcher): its GPU."""
+    for var in _LOCAL_RANK_VARS:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 def set_single_process_env() -> bool:
-    """Without a launcher, fill in the env:// variables for a world of one. Returns True if it did."""
+    """Without a launcher, fill in the env:// variables for a world of one. Returns True if it did.
+
+    A task of a multi-task Slurm step without launcher variables (`srun -n 8 sapiens pretrain`, or
+    `deepspeed --launcher slurm` on a cluster without PMI) is refused: each task would train alone and all
+    of them would write the same run dir.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return False
     if any(v in os.environ for v in _MPI_VARS):
         return False
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if tasks > 1 and "SLURM_PROCID" in os.environ:
+        raise UserError(
+            f"this is task {os.environ['SLURM_PROCID']} of {tasks} of a Slurm step, but no launcher set RANK and "
+            "WORLD_SIZE: start one torchrun per node with srun (scripts/slurm/pretrain.sbatch) instead of one "
+            "training process per task"
+        )
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ["RANK"] = "0"
@@ -94,8 +123,8 @@ def init_distributed(backend: str = "auto") -> tuple[int, int, int, torch.device
         )
     if not dist.is_initialized():
         alone = set_single_process_env()
-        if accel == "cuda":  # before the process group, so NCCL binds this rank's GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if accel == "cuda":  # before the process group, so NCCL binds this rank's GPU (not every rank GPU 0)
+            torch.cuda.set_device(launcher_local_rank())
         # With RANK/WORLD_SIZE set (torchrun, the deepspeed launcher, or us) DeepSpeed uses them;
         # under an MPI launcher it discovers them through mpi4py.
         if alone:
@@ -110,7 +139,7 @@ def init_distributed(backend: str = "auto") -> tuple[int, int, int, torch.device
         else:
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = launcher_local_rank()
     if accel == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -154,6 +183,33 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         else:
             dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t
+
+
+def on_rank0(fn: Callable[[], T]) -> T:
+    """`fn()` run on rank 0 alone; every rank returns its result, or raises what it raised (a UserError as
+    such, anything else as a RuntimeError naming it), so that no rank is left waiting.
+
+    For a shared file whose reading every rank must agree on, such as the `latest` checkpoint tag: the
+    clients of a shared filesystem may each serve a cached copy for a while (NFS attribute caches, FUSE
+    mounts of object stores), and ranks resuming from different tags would mix two checkpoints.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as e:
+            box[0] = ("user", str(e))
+        except Exception as e:
+            box[0] = ("error", f"on rank 0: {type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "user":
+        raise UserError(value)
+    if kind == "error":
+        raise RuntimeError(value)
+    return value
 
 
 def barrier() -> None:

@@ -46,6 +46,7 @@ from sapiens_train.dist import (
     barrier,
     broadcast_module,
     init_distributed,
+    on_rank0,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -508,7 +509,8 @@ class Engine:
         Restores model, optimizer, step (hence the lr), and, at the start of `fit`, this rank's RNG
         states and data position. A missing/corrupt checkpoint raises UserError naming it.
         """
-        tag = tag or ckpt.read_latest(self.ckpt_dir)
+        # Rank 0 reads `latest` and tells the others: every rank resumes from the same tag.
+        tag = tag or on_rank0(lambda: ckpt.read_latest(self.ckpt_dir))
         if tag is None:
             return False
         ckpt.validate_checkpoint(self.ckpt_dir, tag, self.rank)
