@@ -31,6 +31,20 @@ def _free_port() -> int:
 _MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
+def launcher_rank_world() -> tuple[int, int]:
+    """(rank, world size) as the launcher announced them, before any process group exists: torchrun's and
+    the deepspeed launcher's RANK / WORLD_SIZE, or an MPI launcher's; (0, 1) without a launcher."""
+    for rank_var, size_var in (
+        ("RANK", "WORLD_SIZE"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
+    ):
+        if os.environ.get(rank_var, "").isdigit() and os.environ.get(size_var, "").isdigit():
+            return int(os.environ[rank_var]), int(os.environ[size_var])
+    return 0, 1
+
+
 def set_single_process_env() -> bool:
     """Without a launcher, fill in the env:// variables for a world of one. Returns True if it did."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -154,6 +168,25 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         else:
             dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj` in rank order on rank 0; [] on the other ranks, [obj] in a world of one."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if any, before the interpreter exits.
+
+    Left to the interpreter's exit, the gloo/NCCL threads can be torn down in the wrong order
+    ("terminate called without an active exception"), so a finished rank ends with SIGABRT.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +17,7 @@ import torch.nn as nn
 from sapiens_lite.errors import UserError
 from sapiens_train.checkpoint import consolidate_fp32
 from sapiens_train.config import EngineConfig, OptimConfig
-from sapiens_train.engine import Engine, EveryN
+from sapiens_train.engine import Engine, EveryN, resolve_batch
 from sapiens_train.loader import ResumableLoader
 from sapiens_train.monitor import plot_log, read_log
 from tests.sapiens_train._worker import TinyNet, make_dataset, step_fn
@@ -156,14 +158,38 @@ def test_nonfinite_loss_drops_the_batch_without_any_update(tmp_path, accum):
     assert read_log(tmp_path / "nan" / "log.jsonl")[-1]["nonfinite_skipped"] == 1
 
 
-def test_consecutive_nonfinite_losses_abort_after_a_checkpoint(tmp_path):
-    engine = Engine(Plain, cfg(tmp_path, total_steps=10, max_nonfinite=3), OPTIM)
-    with pytest.raises(UserError, match="3 consecutive non-finite losses"):
+def test_consecutive_nonfinite_losses_abort_and_latest_stays_before_the_weights_that_gave_them(tmp_path):
+    engine = Engine(Plain, cfg(tmp_path, total_steps=10, max_nonfinite=3, checkpoint_every=1), OPTIM)
+    with pytest.raises(UserError, match="3 consecutive non-finite losses at step 3.*latest is step_00000001"):
         engine.fit(Indexed(range(20)), nan_at(set(range(2, 20))))
     assert engine.step == 2 and engine.nonfinite_skipped == 3
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
-    again = Engine(Plain, cfg(tmp_path, total_steps=10), OPTIM)
-    assert again.resume() and again.step == 2 and again.nonfinite_skipped == 3
+    # The weights of step 2 gave the non-finite losses: their checkpoint is gone, latest is the one before.
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000001"
+    assert not (tmp_path / "checkpoints" / "step_00000002").exists()
+    again = Engine(Plain, cfg(tmp_path, total_steps=10), OPTIM, resume=True)
+    assert again.step == 1 and again.nonfinite_skipped == 0
+
+
+def test_exploding_lr_leaves_latest_on_a_finite_checkpoint_and_a_lower_lr_resumes(tmp_path):
+    """optim.lr=1e9: the first update blows the weights up, the losses after it are non-finite; the
+    abort must not leave those weights as `latest`, so the error's advice (a lower lr) works."""
+
+    def overflowing(model, batch):  # a steep loss: overflows fp32 as soon as the weights explode
+        return ((model(batch["x"]) - batch["y"]) ** 2).mean() ** 4, {}
+
+    run = cfg(tmp_path, total_steps=6, checkpoint_every=1, max_nonfinite=5)
+    Engine(Plain, replace(run, total_steps=2), OPTIM).fit(Indexed(range(20)), overflowing)
+    blown = Engine(Plain, run, OptimConfig(lr=1e9), resume=True)
+    with pytest.raises(UserError, match="5 consecutive non-finite losses at step 4"):
+        blown.fit(Indexed(range(20)), overflowing)
+    latest = (tmp_path / "checkpoints" / "latest").read_text()
+    assert latest == "step_00000002"  # step 3 (the blown-up weights) was saved, then dropped
+    sd = consolidate_fp32(tmp_path)
+    assert all(torch.isfinite(v).all() and v.abs().max() < 100 for v in sd.values())
+    calm = Engine(Plain, run, OPTIM, resume=True)
+    summary = calm.fit(Indexed(range(20)), overflowing)
+    assert summary["resumed_from"] == "step_00000002" and summary["nonfinite_skipped"] == 0
+    assert summary["steps"] == 6 and np.isfinite(summary["final_loss"])
 
 
 def test_checkpoints_keep_last_and_resume_in_process(tmp_path):
@@ -188,7 +214,7 @@ def test_checkpoint_every_zero_never_writes_a_checkpoint(tmp_path):
     assert summary["steps"] == 6 and not (tmp_path / "a" / "checkpoints").exists()
     assert (tmp_path / "a" / "loss.png").exists()  # drawn at the end of fit when no checkpoint drew it
     engine = Engine(Plain, cfg(tmp_path / "b", total_steps=10, max_nonfinite=2, checkpoint_every=0), OPTIM)
-    with pytest.raises(UserError, match="no checkpoint saved"):
+    with pytest.raises(UserError, match="no checkpoint from before"):
         engine.fit(Indexed(range(20)), nan_at(set(range(1, 20))))
     assert not (tmp_path / "b" / "checkpoints").exists()
     with pytest.raises(ValueError, match="checkpoint_every"):
@@ -215,9 +241,24 @@ def test_corrupt_or_missing_checkpoint_is_a_user_error(tmp_path):
 
 
 def test_inconsistent_batch_sizes_fail_before_any_work(tmp_path):
-    with pytest.raises(UserError, match="global_batch_size=16"):
-        Engine(TinyNet, cfg(tmp_path / "run", global_batch_size=16), OPTIM)
+    with pytest.raises(UserError, match="global_batch_size=16 but"):
+        Engine(TinyNet, cfg(tmp_path / "run", global_batch_size=16, grad_accum_steps=2), OPTIM)
+    with pytest.raises(UserError, match="global_batch_size=6 is not a multiple of .* = 4"):
+        Engine(TinyNet, cfg(tmp_path / "run", global_batch_size=6), OPTIM)
     assert not (tmp_path / "run").exists()
+
+
+def test_global_batch_alone_derives_the_accumulation(tmp_path, capsys):
+    engine = Engine(TinyNet, cfg(tmp_path, global_batch_size=16), OPTIM)
+    assert engine.grad_accum_steps == 4 and engine.global_batch_size == 16
+    assert engine.ds_config["gradient_accumulation_steps"] == 4
+    out = capsys.readouterr().out
+    assert "gradient accumulation 4 derived from engine.global_batch_size=16" in out
+    assert resolve_batch(cfg(tmp_path), 2) == (8, 1, None)
+    assert resolve_batch(cfg(tmp_path, grad_accum_steps=3), 2)[:2] == (24, 3)
+    # A checkpoint's global batch on another number of ranks: kept when it divides, else the change is said.
+    assert resolve_batch(cfg(tmp_path), 1, keep_global=8)[:2] == (8, 2)
+    assert "changes from 12 (checkpoint) to 8" in resolve_batch(cfg(tmp_path), 2, keep_global=12)[2]
 
 
 def test_activation_checkpointing_switch(tmp_path):
@@ -247,7 +288,14 @@ def test_resumable_loader_shards_and_resumes():
     it = iter(part)
     head = [next(it)[0] for _ in range(4)]
     state = part.state_dict()
-    assert state == {"epoch": 3, "batches": 4}
+    assert state == {
+        "epoch": 3,
+        "batches": 4,
+        "offset": 0,
+        "world_size": 1,
+        "batch_size": 4,
+        "num_samples": 40,
+    }
     resumed = ResumableLoader(ds, 4, seed=5)
     resumed.load_state_dict(state)
     tail = [b[0] for b in resumed]
