@@ -101,17 +101,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except UserError as e:
-        print(f"sapiens {args.command}: error: {e}", file=sys.stderr)
+        print(f"sapiens {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if e.name not in TRAIN_EXTRAS:
             raise
         print(f"sapiens {args.command}: error: {_missing_extra_message(args.command, e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # The file system said no (a full disk, a read-only mount, a path that names a file as a folder):
+        # the user's to fix, so one line naming the path rather than a traceback.
+        print(f"sapiens {args.command}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sapiens {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _destroy_process_group()
     return int(rc or 0)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split("\n"))
+
+
+def _destroy_process_group() -> None:
+    """A training command leaves torch's default process group; destroyed here, before the interpreter's
+    exit tears its threads down in the wrong order (a finished rank would end with SIGABRT). torch is
+    looked up, never imported, so `sapiens info` stays fast."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # One-line descriptions for `sapiens --help` (which imports no command module).
