@@ -118,22 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sapiens {args.command}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        _destroy_process_group()
     return int(rc or 0)
 
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split("\n"))
-
-
-def _destroy_process_group() -> None:
-    """A training command leaves torch's default process group; destroyed here, before the interpreter's
-    exit tears its threads down in the wrong order (a finished rank would end with SIGABRT). torch is
-    looked up, never imported, so `sapiens info` stays fast."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # One-line descriptions for `sapiens --help` (which imports no command module).

@@ -231,7 +231,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); is it a config file?") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); is it a config file?"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     except yaml.YAMLError as e:

@@ -123,6 +123,9 @@ def init_distributed(backend: str = "auto") -> tuple[int, int, int, torch.device
             )
         else:
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        # Left to the interpreter's teardown, the gloo/NCCL threads can be destroyed in the wrong order
+        # ("terminate called without an active exception"): a finished rank then ends with SIGABRT.
+        atexit.register(shutdown)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel == "cuda":

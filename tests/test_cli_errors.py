@@ -95,7 +95,8 @@ def place(tmp_path_factory) -> dict[str, str]:
 
 
 SMALL_PRETRAIN = ["data.synthetic=8", "data.img_size=[32,32]", "engine.micro_batch_size=2",
-                  "engine.total_steps=2", "engine.progress=false", "engine.tensorboard=false"]  # fmt: skip
+                  "engine.total_steps=2", "optim.warmup_steps=0", "engine.progress=false",
+                  "engine.tensorboard=false"]  # fmt: skip
 
 SMALL_FINETUNE = ["model.input_size=[64,48]", "model.backbone.arch=vit_test", "model.backbone.img_size=[64,48]",
                   "engine.micro_batch_size=1", "engine.total_steps=1", "data.num_workers=0",
@@ -268,3 +269,26 @@ def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(place, capsys, argv, fr
     assert fragment in lines[0], err
     assert _tree(place["root"]) == before, f"left behind: {_tree(place['root']) ^ before}"
     assert not Path(UNWRITABLE).parent.exists()
+
+
+def test_inspect_counts_the_samples_the_loaders_skip(place, tmp_path, capsys):
+    """A bad JSON, a bad JPEG and a pixel bomb (a 20000 x 20000 single-colour PNG stored as the sample's
+    .jpg) are counted by reason, as the loaders skip them, and the contact sheet is still written."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    ok = json.dumps({"annotations": [{"keypoints": [10, 10, 2] * 17, "bbox": [0, 0, 20, 20]}]}).encode()
+    write_shard(folder / "shard-000000.tar", [
+        {"__key__": "good", "jpg": _jpeg(1), "json": ok},
+        {"__key__": "badjson", "jpg": _jpeg(2), "json": b"{oops"},
+        {"__key__": "badjpeg", "jpg": b"\xff\xd8 not a jpeg", "json": ok},
+        {"__key__": "bomb", "jpg": _png_bomb(), "json": ok},
+    ])  # fmt: skip
+    sheet = tmp_path / "sheet.png"
+    assert main(["data", "inspect", str(folder), "--out", str(sheet), "--json"]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 4 and report["num_people"] == 1
+    assert report["skipped"] == {"bad JSON": 1, "undecodable image (UnidentifiedImageError)": 1,
+                                 "image over the pixel limit": 1}  # fmt: skip
+    assert sheet.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["bad", "sheet.png"]
+    assert main(["data", "inspect", str(folder)]) == 0
+    assert "samples the loaders skip: 1 bad JSON" in capsys.readouterr().out
