@@ -292,3 +292,17 @@ def test_inspect_counts_the_samples_the_loaders_skip(place, tmp_path, capsys):
     assert sheet.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["bad", "sheet.png"]
     assert main(["data", "inspect", str(folder)]) == 0
     assert "samples the loaders skip: 1 bad JSON" in capsys.readouterr().out
+
+
+def test_saved_model_folders_get_the_modes_of_the_umask(place, tmp_path, capsys):
+    """Colleagues on a shared cluster can read what a command saved: 0755 folders and 0644 files under
+    umask 022 (`tempfile.mkdtemp` alone gives 0700)."""
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", place["vit"], str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644, "README.md": 0o644}  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from sapiens_train.checkpoint import consolidate_fp32
 from sapiens_train.config import EngineConfig, OptimConfig
 from sapiens_train.engine import Engine, EveryN, resolve_batch
 from sapiens_train.loader import ResumableLoader
-from sapiens_train.monitor import plot_log, read_log
+from sapiens_train.monitor import PeakMeter, plot_log, read_log
 from tests.sapiens_train._worker import TinyNet, make_dataset, step_fn
 
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0)
@@ -341,3 +342,94 @@ def test_accelerator_choice_on_a_cpu_machine():
         "else:\n    raise SystemExit('no error')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**env, "DS_ACCELERATOR": "cuda"})
+
+
+def test_every_checkpoint_has_a_manifest_of_sizes_and_checksums(tmp_path):
+    fit_tiny(tmp_path, total_steps=2, checkpoint_every=1)
+    tag_dir = tmp_path / "checkpoints" / "step_00000002"
+    manifest = json.loads((tag_dir / "manifest.json").read_text())
+    assert manifest["step"] == 2 and manifest["world_size"] == 1 and manifest["zero_stage"] == 0
+    assert manifest["global_batch_size"] == 4
+    files = {p.name for p in tag_dir.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == files == {"mp_rank_00_model_states.pt", "engine_rank000.pt"}
+    for name, entry in manifest["files"].items():  # checked with hashlib, not our helper
+        data = (tag_dir / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_damaged_checkpoint_is_named_before_any_work_and_resume_from_continues(tmp_path, monkeypatch):
+    """4 KiB zeroed inside the latest checkpoint (the zip directory intact, so only the checksum can tell):
+    the error names the file and the newest intact checkpoint, before the process group or the model
+    exist; `engine.resume_from` with that tag continues from it."""
+    fit_tiny(tmp_path, total_steps=3, checkpoint_every=1)
+    damaged = tmp_path / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt"
+    data = bytearray(damaged.read_bytes())
+    data[1000:5096] = bytes(4096)
+    damaged.write_bytes(bytes(data))
+
+    import sapiens_train.engine as engine_module
+
+    def no_process_group(*args):
+        raise AssertionError("the checkpoint must be verified before the process group starts")
+
+    def no_model():
+        raise AssertionError("the checkpoint must be verified before the model is built")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine_module, "init_distributed", no_process_group)
+        with pytest.raises(UserError) as err:
+            Engine(no_model, cfg(tmp_path, total_steps=5), OPTIM, resume=True)
+    msg = str(err.value)
+    assert msg.startswith(f"{damaged}: checksum mismatch"), msg
+    assert (
+        "the newest intact checkpoint is step_00000002: resume from it with engine.resume_from=step_00000002"
+        in msg
+    )
+    engine = Engine(TinyNet, cfg(tmp_path, total_steps=5, resume_from="step_00000002"), OPTIM, resume=True)
+    assert engine.step == 2 and engine.resumed_from == "step_00000002"
+    summary = engine.fit(ResumableLoader(make_dataset(), 4, seed=1), step_fn)
+    assert summary["steps"] == 5 and (tmp_path / "checkpoints" / "latest").read_text() == "step_00000005"
+    with pytest.raises(ValueError, match="resume_from must be a checkpoint tag"):
+        cfg(tmp_path, resume_from="latest")
+
+
+def test_a_rerun_cuts_the_log_back_to_the_resumed_step(tmp_path):
+    """An interrupted run logged steps past its last checkpoint; the rerun writes them again, once."""
+    fit_tiny(tmp_path, total_steps=4, checkpoint_every=2)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")  # as if killed after step 4's log
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.0}\n{"step": ')  # and a line cut by the kill
+    engine = Engine(TinyNet, cfg(tmp_path, total_steps=6), OPTIM, resume=True)
+    engine.fit(ResumableLoader(make_dataset(), 4, seed=1), step_fn)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_mfu_peak_touches_no_global_rng_and_says_where_it_comes_from():
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    meter = PeakMeter(torch.device("cpu"), "fp32")
+    assert (
+        meter.remeasure and meter.current() > 0 and "measured again in every log window" in meter.describe()
+    )
+    assert torch.equal(torch.get_rng_state(), before)
+    configured = PeakMeter(torch.device("cpu"), "fp32", configured=2.5)
+    assert configured.current() == 2.5 and "engine.peak_tflops (config)" in configured.describe()
+
+
+def test_resumable_loader_continues_an_epoch_on_another_number_of_ranks():
+    ds = make_dataset(40)
+    old = [ResumableLoader(ds, 2, rank=r, world_size=2, seed=5) for r in range(2)]
+    before = []
+    for loader in old:
+        it = iter(loader)
+        before += [tuple(x.tolist()) for _ in range(3) for x in next(it)[0]]
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in old]
+    rest = []
+    for r in range(3):  # 2 -> 3 ranks
+        loader = ResumableLoader(ds, 2, rank=r, world_size=3, seed=5)
+        loader.load_elastic_state(states)
+        rest += [tuple(x.tolist()) for batch in loader for x in batch[0]]
+    seen = before + rest
+    assert len(seen) == len(set(seen)) and len(before) == 12
+    assert 40 - len(seen) == (40 - 12) % 6  # the remaining 28: 4 batches of 2 on each of 3 ranks, 4 left
