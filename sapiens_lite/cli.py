@@ -109,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sapiens {args.command}: error: {_missing_extra_message(args.command, e)}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.filename is None:
+        if e.errno is None and e.filename is None:
             raise
         # The file system said no (a full disk, a read-only mount, a path that names a file as a folder):
         # the user's to fix, so one line naming the path rather than a traceback.
-        print(f"sapiens {args.command}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sapiens {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sapiens {args.command}: interrupted", file=sys.stderr)

@@ -149,10 +149,10 @@ class HubMixin:
             self.model_card(license=license, tags=tags, info=info).save(tmp / "README.md")
             _usual_modes(tmp)
             _move_into(tmp, save_directory)
-        except OSError as e:  # a full disk, a quota
+        except BaseException:  # a full disk, a quota: the OSError goes on, the folders made for it go
             for p in made:
                 shutil.rmtree(p, ignore_errors=True)
-            raise UserError(f"{save_directory}: cannot write there ({e.strerror or e})") from None
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return save_directory

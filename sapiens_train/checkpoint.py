@@ -13,9 +13,11 @@ run_dir/checkpoints/
 
 Checksums: each rank hashes the files it wrote itself (its optimizer partition and rank state; rank 0
 also the model states) right after writing them, while they are in the page cache; rank 0 merges the
-entries after the barrier and writes the manifest before `latest` names the tag. sha256 streams at
-~1.5 GB/s per core on a machine with SHA extensions (blake2b ~0.8 GB/s, measured here), so a 30 GB
-ZeRO checkpoint over 8 ranks adds ~2.5 s per rank to a save, and the same to a resume.
+entries after the barrier and writes the manifest before `latest` names the tag. sha256 (hashlib,
+SHA extensions) streamed 0.5-1.5 GB/s per core on the shared 2-core development machine, from memory
+and from a warm page cache (blake2b about half as fast there), so a 30 GB ZeRO checkpoint over 8 ranks
+(3.75 GB each) adds ~3-8 s per rank to a save, and the same to a resume, where each rank hashes every
+world_size-th file.
 """
 
 from __future__ import annotations
@@ -240,34 +242,25 @@ def verify_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
-        source = (
-            f"{ckpt_dir / LATEST} names checkpoint {tag!r}"
-            if read_latest(ckpt_dir) == tag
-            else (f"{RESUME_HINT}={tag}")
-        )
-        raise UserError(f"{source}, but {tag_dir} does not exist{_fallback(ckpt_dir, tag)}")
+        named = read_latest(ckpt_dir) == tag
+        source = f"{ckpt_dir / LATEST} names checkpoint {tag!r}" if named else f"{RESUME_HINT}={tag}"
+        raise UserError(f"{source}, but {tag_dir} does not exist{fallback_hint(ckpt_dir, tag)}")
     try:
         manifest = read_manifest(tag_dir)
         problem = _problem(tag_dir, manifest, (rank, world_size))
     except UserError as e:
         manifest, problem = None, str(e)
     if problem is not None:
-        raise UserError(f"{problem}{_fallback(ckpt_dir, tag)}")
+        raise UserError(f"{problem}{fallback_hint(ckpt_dir, tag)}")
     return manifest
 
 
-def _fallback(ckpt_dir: Path, tag: str) -> str:
+def fallback_hint(ckpt_dir: Path, tag: str) -> str:
+    """The end of an error about `tag`: the newest intact older checkpoint and how to resume from it."""
     good = newest_intact(ckpt_dir, before=tag)
     if good is None:
         return "; no older intact checkpoint: start afresh with --no-resume (or another engine.run_dir)"
     return f"; the newest intact checkpoint is {good}: resume from it with {RESUME_HINT}={good}"
-
-
-def validate_checkpoint(ckpt_dir: str | os.PathLike, tag: str, rank: int) -> None:
-    """Fail early (UserError naming the file) on a missing, truncated or damaged checkpoint of one rank."""
-    verify_checkpoint(ckpt_dir, tag)
-    if not rank_state_path(ckpt_dir, tag, rank).is_file():
-        raise UserError(f"{rank_state_path(ckpt_dir, tag, rank)}: missing")
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:

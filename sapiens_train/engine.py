@@ -699,12 +699,11 @@ class Engine:
         saved_world = int(info.get("world_size", rank0.get("world_size", self.world_size)))
         saved_zero = info.get("zero_stage", self.cfg.zero_stage)
         elastic = saved_world != self.world_size or saved_zero != self.cfg.zero_stage
-        own = rank0 if self.rank == 0 or self.rank >= saved_world else None
-        if own is None:
+        if self.rank == 0:
+            own = rank0
+        elif self.rank < saved_world:
             own = ckpt.load_rank_state(self._rank_file(tag, self.rank))
-        if own is not rank0 or self.rank == 0:
-            own = dict(own)
-        else:  # a rank the saved run did not have: rank 0's counters, its own random streams
+        else:  # a rank the saved run did not have: rank 0's counters, random streams of its own
             own = {k: v for k, v in rank0.items() if k != "rng"}
         plan = _ResumePlan(
             tag=tag,
@@ -740,7 +739,7 @@ class Engine:
         path = ckpt.rank_state_path(self.ckpt_dir, tag, rank)
         if not path.is_file():
             raise UserError(
-                f"{path}: missing; the checkpoint is incomplete{ckpt._fallback(self.ckpt_dir, tag)}"
+                f"{path}: missing; the checkpoint is incomplete{ckpt.fallback_hint(self.ckpt_dir, tag)}"
             )
         return path
 

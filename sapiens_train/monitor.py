@@ -101,12 +101,6 @@ class PeakMeter:
         )
 
 
-def peak_tflops(device: torch.device, precision: str, configured: float | None = None) -> tuple[float, str]:
-    """(peak TFLOP/s of one device, where it came from): see `PeakMeter`."""
-    meter = PeakMeter(device, precision, configured)
-    return meter.value, meter.source
-
-
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory since the last call, GiB: CUDA tensors' allocation on `device` (then reset, so each
     log window shows its own peak); on a CPU the process's peak resident set since start (it cannot be reset)."""

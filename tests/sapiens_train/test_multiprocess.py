@@ -1,4 +1,6 @@
-"""Two ranks over gloo under torchrun: ZeRO 1/2/3 x fp32/bf16, NaN agreement, consolidation, kill + resume.
+"""Two ranks over gloo under torchrun: ZeRO 1/2/3 x fp32/bf16, NaN agreement, consolidation, kill + resume
+(map-style data, and the default path: a tiny MAE on webdataset shards with a loader worker and the
+MFU peak measured), resume on another number of ranks, damaged and missing checkpoint files.
 
 The scenarios live in `_worker.py`; each test starts one `torchrun --nproc_per_node 2` (or two) and
 checks the JSON the ranks wrote.
