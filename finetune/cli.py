@@ -78,6 +78,7 @@ def run_eval(args) -> int:
     from sapiens_lite.config import load_config
     from sapiens_lite.errors import UserError
     from sapiens_lite.loading import load_pose_model
+    from sapiens_lite.paths import output_dir
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     ev = cfg.eval
@@ -89,7 +90,16 @@ def run_eval(args) -> int:
     images = args.images or cfg.data.val_images
     if not ann:
         raise UserError("no val annotations: pass --ann or a --config with data.val_ann")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device: {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
+    ckpt = Path(args.checkpoint)
+    out = output_dir(args.out or (ckpt / "eval" if ckpt.is_dir() else "eval"), "--out")
+    if Path(ann).is_dir():
+        raise UserError(f"--ann: {ann} is a folder, not an annotation file")
     # With a config the checkpoint must match its keypoint scheme; without one the checkpoint decides.
     expected = cfg.model.scheme if args.config else None
     model = load_pose_model(
@@ -98,8 +108,6 @@ def run_eval(args) -> int:
         config=cfg.model if args.config and _is_foreign_file(args.checkpoint) else None,
         revision=cfg.init.revision,
     )
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ckpt / "eval" if ckpt.is_dir() else Path("eval"))
     metrics = evaluate_model(
         model.to(device).eval(), ann, images, ev, device=device, out_dir=out, num_workers=cfg.data.num_workers
     )

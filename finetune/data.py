@@ -32,6 +32,7 @@ raises UserError naming it when its item is loaded.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -234,8 +235,27 @@ def normalize(crop: np.ndarray, mean, std) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+def check_pixels(source, where: str) -> None:
+    """Refuse a decompression bomb before decoding it: more pixels than PIL's `Image.MAX_IMAGE_PIXELS`
+    (89.5 M, the limit the MAE loader's PIL decode applies), read from the header alone. OpenCV's own
+    limit is 2^30 pixels: a 20000 x 20000 single-colour PNG of 1 MiB took 13 s and 2.8 GiB to decode."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as img:
+            w, h = img.size
+    except Image.DecompressionBombError:  # PIL's own refusal, above twice its limit
+        raise UserError(f"{where}: image is over the {Image.MAX_IMAGE_PIXELS:,}-pixel limit") from None
+    except Exception:
+        return  # not PIL-readable: OpenCV decides (and fails with its own message)
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise UserError(f"{where}: {w}x{h} image is over the {Image.MAX_IMAGE_PIXELS:,}-pixel limit")
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB uint8 [H, W, 3]; UserError naming the file if it cannot be read."""
+    """RGB uint8 [H, W, 3]; UserError naming the file if it cannot be read or is too large."""
+    if os.path.isfile(path):
+        check_pixels(path, str(path))
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise UserError(f"{path}: image missing or unreadable")
@@ -243,6 +263,9 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
+    """RGB uint8 [H, W, 3] from encoded bytes; UserError (the stream skips the sample) if undecodable or
+    over the pixel limit."""
+    check_pixels(io.BytesIO(data), where)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise UserError(f"{where}: image bytes could not be decoded")

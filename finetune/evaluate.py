@@ -65,9 +65,9 @@ def read_json(path: str | os.PathLike, what: str):
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: {what} is not valid JSON ({e})") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: {what} is not valid UTF-8 JSON ({e})") from None
 
 
 def check_gt(gt: dict, num_keypoints: int, source: str = "annotations") -> dict:

@@ -27,6 +27,7 @@ from sapiens_lite.models.pose import PoseModel
 from sapiens_train.dist import barrier
 from sapiens_train.engine import Engine, global_batch_size
 from sapiens_train.loader import ResumableLoader
+from sapiens_train.monitor import truncate_jsonl
 from sapiens_train.optim import param_groups as make_param_groups
 from sapiens_train.optim import vit_layer_id
 from sapiens_train.recipe import epochs_line, print_plan, world_size_from_env
@@ -35,12 +36,16 @@ from sapiens_train.recipe import epochs_line, print_plan, world_size_from_env
 
 
 def validate(cfg: FinetuneConfig) -> dict:
-    """Check what a user can get wrong (data paths, the init checkpoint) before any process group exists."""
+    """Check what a user can get wrong (data paths, the init checkpoint) before any process group exists
+    or anything is written. Returns what it had to load anyway: {"dataset": the training people, or None
+    for shards}."""
     d = cfg.data
     if not (d.train_ann or d.train_shards):
         raise UserError("data.train_ann (or data.train_shards) is required")
     for key in ("train_ann", "val_ann"):
         v = getattr(d, key)
+        if v and Path(v).is_dir():
+            raise UserError(f"data.{key}: {v} is a folder, not an annotation file")
         if v and not Path(v).is_file():
             raise UserError(f"data.{key}: {v} not found")
     for key in ("train_images", "val_images"):
@@ -51,7 +56,18 @@ def validate(cfg: FinetuneConfig) -> dict:
         raise UserError("eval.every_steps > 0 needs data.val_ann")
     if cfg.init.path:
         locate(cfg.init.path, revision=cfg.init.revision)  # UserError: no such file, run dir without export
-    return {}
+    global_batch_size(cfg.engine, world_size_from_env())  # UserError: batch settings that disagree
+    if d.train_shards:
+        return {"dataset": None}
+    dataset = TopDownDataset.from_config(cfg, split="train")  # UserError: unreadable or wrong annotations
+    need = cfg.engine.micro_batch_size * world_size_from_env()
+    if len(dataset) < need:
+        skipped = f" (skipped: {dict(dataset.skipped)})" if dataset.skipped else ""
+        raise UserError(
+            f"data.train_ann: {d.train_ann} gives {len(dataset)} usable people{skipped}, fewer than one "
+            f"micro-batch on every rank ({need}); check data.train_images and the annotations"
+        )
+    return {"dataset": dataset}
 
 
 # ---- model ------------------------------------------------------------------------------------------
@@ -84,11 +100,11 @@ def param_groups(cfg: FinetuneConfig):
 # ---- data -------------------------------------------------------------------------------------------
 
 
-def build_data(cfg: FinetuneConfig, engine: Engine):
+def build_data(cfg: FinetuneConfig, engine: Engine, dataset: TopDownDataset | None = None):
     """This rank's micro-batches of person crops with heatmap targets, resumable through the engine."""
     if cfg.data.train_shards:
         return build_pose_stream(cfg, rank=engine.rank, world_size=engine.world_size)
-    dataset = TopDownDataset.from_config(cfg, split="train")
+    dataset = dataset if dataset is not None else TopDownDataset.from_config(cfg, split="train")
     if dataset.skipped and engine.is_main:
         print(f"[finetune] {cfg.data.train_ann}: skipped {dict(dataset.skipped)}", flush=True)
     return ResumableLoader(
@@ -138,9 +154,11 @@ class EvalHook:
     into run_dir/best (with its metrics.json).
     """
 
-    def __init__(self, cfg: FinetuneConfig, every: int):
+    def __init__(self, cfg: FinetuneConfig, every: int, resumed_step: int = 0):
         self.cfg = cfg
         self.every = every
+        # A rerun continues eval.jsonl from the step it resumed at (the interrupted run's later lines go).
+        truncate_jsonl(Path(cfg.engine.run_dir) / "eval.jsonl", resumed_step)
         # A resumed run keeps the best AP of its earlier part (best/metrics.json), not just its own.
         best_file = Path(cfg.engine.run_dir) / "best" / "metrics.json"
         self.best = json.loads(best_file.read_text())["AP"] if best_file.is_file() else -1.0
@@ -218,11 +236,10 @@ def train(cfg: FinetuneConfig, checked: dict | None = None, *, resume: bool = Tr
         param_groups=param_groups(cfg),
         config_to_save=cfg,
         flops_per_sample=forward_flops(cfg.model.backbone, cfg.model.input_size),
+        resume=resume,  # the checkpoint is verified before DeepSpeed starts
     )
-    if resume:
-        engine.resume()
-    data = build_data(cfg, engine)
-    hook = EvalHook(cfg, cfg.eval.every_steps) if cfg.data.val_ann else None
+    data = build_data(cfg, engine, checked.get("dataset"))
+    hook = EvalHook(cfg, cfg.eval.every_steps, resumed_step=engine.step) if cfg.data.val_ann else None
     summary = engine.fit(data, make_step_fn(cfg), hooks=[hook] if hook is not None and hook.every else [])
     summary["metrics"] = finish(cfg, engine, summary, hook)
     return engine, summary

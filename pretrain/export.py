@@ -23,6 +23,7 @@ from pretrain.config import PretrainConfig
 from sapiens_lite.config import load_config
 from sapiens_lite.errors import UserError
 from sapiens_lite.models.vit import VisionTransformer
+from sapiens_lite.paths import output_dir
 from sapiens_train.checkpoint import consolidate_fp32
 
 
@@ -46,6 +47,7 @@ def export_backbone(
     pos_embed: str = "learned",
 ) -> VisionTransformer:
     """Consolidate run_dir's checkpoint (latest or `tag`) and write the encoder to `out`; returns it."""
+    output_dir(out, "OUT")  # before the (long) consolidation
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():

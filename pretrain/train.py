@@ -285,9 +285,8 @@ def train(cfg: PretrainConfig, checked: dict | None = None, *, resume: bool = Tr
         cfg.optim,
         flops_per_sample=mae_forward_flops(cfg.model),
         config_to_save=cfg,
+        resume=resume,  # the checkpoint is verified before DeepSpeed starts
     )
-    if resume:
-        engine.resume()
     data = build_data(cfg, engine, checked["shards"])
     hooks = [EveryN(cfg.viz.every, save_reconstructions(cfg))] if cfg.viz.every > 0 else []
     summary = engine.fit(data, step_fn, hooks=hooks)

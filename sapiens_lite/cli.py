@@ -103,17 +103,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except UserError as e:
-        print(f"sapiens {args.command}: error: {e}", file=sys.stderr)
+        print(f"sapiens {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if e.name not in TRAIN_EXTRAS:
             raise
         print(f"sapiens {args.command}: error: {_missing_extra_message(args.command, e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno is None and e.filename is None:
+            raise
+        # The file system said no (a full disk, a read-only mount, a path that names a file as a folder):
+        # the user's to fix, so one line naming the path rather than a traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sapiens {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sapiens {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split("\n"))
 
 
 # One-line descriptions for `sapiens --help` (which imports no command module).

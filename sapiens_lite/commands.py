@@ -115,7 +115,9 @@ def add_convert_command(sub) -> None:
 def run_convert(args) -> int:
     from sapiens_lite.convert import build_model, read_checkpoint
     from sapiens_lite.errors import UserError
+    from sapiens_lite.paths import output_dir
 
+    output_dir(args.dst, "DST")  # before the (possibly long) read of the source
     grid = None
     if args.grid is not None:
         try:

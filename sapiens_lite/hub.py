@@ -38,6 +38,7 @@ import torch
 
 from sapiens_lite.config import config_from_dict, config_to_dict
 from sapiens_lite.errors import UserError
+from sapiens_lite.paths import output_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -112,8 +113,7 @@ class HubMixin:
         """
         from huggingface_hub import save_torch_state_dict
 
-        save_directory = Path(save_directory)
-        save_directory.parent.mkdir(parents=True, exist_ok=True)
+        save_directory = output_dir(save_directory, "output folder")
         info = {
             "model_type": self.model_type,
             "format_version": FORMAT_VERSION,
@@ -123,15 +123,25 @@ class HubMixin:
             **self.hub_metadata(),
             **(metadata or {}),
         }
-        tmp = Path(
-            tempfile.mkdtemp(prefix=f".{save_directory.name}.", suffix=".tmp", dir=save_directory.parent)
-        )
+        made = [p for p in save_directory.parents if not p.exists()]
+        try:
+            save_directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(
+                tempfile.mkdtemp(prefix=f".{save_directory.name}.", suffix=".tmp", dir=save_directory.parent)
+            )
+        except OSError as e:
+            raise UserError(f"{save_directory}: cannot write there ({e.strerror or e})") from None
         try:
             (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
             state_dict = {k: v.detach().cpu() for k, v in self.state_dict().items()}
             save_torch_state_dict(state_dict, tmp, max_shard_size=max_shard_size)
             self.model_card(license=license, tags=tags, info=info).save(tmp / "README.md")
+            _usual_modes(tmp)
             _move_into(tmp, save_directory)
+        except BaseException:  # a full disk, a quota: the OSError goes on, the folders made for it go
+            for p in made:
+                shutil.rmtree(p, ignore_errors=True)
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return save_directory
@@ -361,6 +371,16 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, *, strict: bool, 
         raise UserError(
             f"{source}: weights do not fit the model built from {CONFIG_NAME}: " + "; ".join(problems)
         )
+
+
+def _usual_modes(folder: Path) -> None:
+    """The modes the umask gives new files and folders (0755 / 0644 with umask 022): `mkdtemp` makes its
+    folder 0700 and some writers their files 0600, which would hide a saved model from colleagues."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _move_into(src: Path, dst: Path) -> None:

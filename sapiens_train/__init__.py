@@ -2,8 +2,7 @@
 the streaming (webdataset) and map-style loaders, shard packing, the procedural people, COCO readers.
 
     from sapiens_train.engine import Engine
-    engine = Engine(build_model, cfg.engine, cfg.optim, param_groups=groups_fn, config_to_save=cfg)
-    engine.resume()
+    engine = Engine(build_model, cfg.engine, cfg.optim, param_groups=groups_fn, config_to_save=cfg, resume=True)
     summary = engine.fit(loader, step_fn, hooks=[...])
 
 DeepSpeed and webdataset are imported where they are used, like any library. DeepSpeed fixes its

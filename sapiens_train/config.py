@@ -11,6 +11,7 @@ The DeepSpeed config is generated from these (`engine.build_ds_config`), never w
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,9 +81,11 @@ class EngineConfig:
     """Optimizer steps to train for."""
     micro_batch_size: int = 8
     """Samples per rank per forward/backward."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: int | None = None
+    """Micro-batches per optimizer step; unset: derived from `global_batch_size`, else 1."""
     global_batch_size: int | None = None
-    """Optional check: must equal micro_batch_size * grad_accum_steps * world_size (error before any work)."""
+    """micro_batch_size * grad_accum_steps * world_size. Given alone, the accumulation is derived from it
+    (an error before any work when it cannot divide); given with grad_accum_steps, they must agree."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 keeps fp32 master weights and accumulates gradients in fp32; it needs zero_stage >= 1."""
@@ -106,10 +109,14 @@ class EngineConfig:
     max_nonfinite: int = 5
     """Abort (after a final checkpoint) after this many consecutive non-finite losses."""
     peak_tflops: float | None = None
-    """Peak TFLOP/s of one device for MFU; None = table of known GPUs, else a matmul measured at start-up."""
+    """Peak TFLOP/s of one device for MFU; None = a table of known GPUs, else a measured matmul (on a CPU
+    measured again in every log window, under the same load as training). The log names the source."""
+    resume_from: str | None = None
+    """A checkpoint tag (e.g. step_00000500) to resume from instead of checkpoints/latest, e.g. the newest
+    intact one that a damaged checkpoint's error names."""
 
     def __post_init__(self):
-        for name in ("total_steps", "micro_batch_size", "grad_accum_steps", "keep_last"):
+        for name in ("total_steps", "micro_batch_size", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
@@ -117,6 +124,8 @@ class EngineConfig:
         for name in ("log_every", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_accum_steps is not None and self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1 or null, got {self.grad_accum_steps}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1 or null, got {self.global_batch_size}")
         if self.precision == "bf16" and self.zero_stage == 0:
@@ -128,3 +137,7 @@ class EngineConfig:
             raise ValueError(f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
         if not self.run_dir:
             raise ValueError("run_dir must not be empty")
+        if self.resume_from is not None and not re.fullmatch(r"step_\d+", self.resume_from):
+            raise ValueError(
+                f"resume_from must be a checkpoint tag like step_00000500, got {self.resume_from!r}"
+            )

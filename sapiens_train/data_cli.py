@@ -117,16 +117,27 @@ def _parse_people(text: str) -> tuple[int, int]:
 
 
 def run_synth_command(args) -> int | None:
+    from sapiens_lite.paths import output_dir
     from sapiens_train.synth import add_synth_arguments, run_synth
 
     parser = argparse.ArgumentParser(prog="sapiens data synth", description="Render procedural people.")
     add_synth_arguments(parser)
-    return run_synth(parser.parse_args(args.synth_args))
+    synth_args = parser.parse_args(args.synth_args)
+    # Every mistake before the first image is drawn.
+    if not 1 <= synth_args.quality <= 100:
+        raise UserError(f"--quality must be in 1..100 (JPEG quality), got {synth_args.quality}")
+    for name in ("num_images", "workers"):
+        if getattr(synth_args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(synth_args, name)}")
+    output_dir(synth_args.out, "OUT")
+    return run_synth(synth_args)
 
 
 def run_pack_command(args) -> int:
+    from sapiens_lite.paths import output_dir
     from sapiens_train.shards import PackOptions, collect_coco, collect_folder, pack, synthesize_source
 
+    output_dir(args.out, "--out")  # before the sources are read or drawn
     options = PackOptions(
         max_samples=args.max_samples,
         max_bytes=args.max_bytes,
@@ -162,8 +173,14 @@ def run_pack_command(args) -> int:
 
 
 def run_inspect_command(args) -> int:
+    from sapiens_lite.paths import output_file
     from sapiens_train.shards import format_report, inspect_shards
 
+    for name in ("num_images", "cols", "tile_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.out:
+        output_file(args.out, "--out")  # before the shards are read
     reports = inspect_shards(
         args.shards, sheet=args.out, num_images=args.num_images, cols=args.cols, tile_size=args.tile_size
     )

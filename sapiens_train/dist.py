@@ -48,6 +48,20 @@ def launcher_local_rank() -> int:
     return 0
 
 
+def launcher_rank_world() -> tuple[int, int]:
+    """(rank, world size) as the launcher announced them, before any process group exists: torchrun's and
+    the deepspeed launcher's RANK / WORLD_SIZE, or an MPI launcher's; (0, 1) without a launcher."""
+    for rank_var, size_var in (
+        ("RANK", "WORLD_SIZE"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
+    ):
+        if os.environ.get(rank_var, "").isdigit() and os.environ.get(size_var, "").isdigit():
+            return int(os.environ[rank_var]), int(os.environ[size_var])
+    return 0, 1
+
+
 def set_single_process_env() -> bool:
     """Without a launcher, fill in the env:// variables for a world of one. Returns True if it did.
 
@@ -138,6 +152,9 @@ def init_distributed(backend: str = "auto") -> tuple[int, int, int, torch.device
             )
         else:
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        # Left to the interpreter's teardown, the gloo/NCCL threads can be destroyed in the wrong order
+        # ("terminate called without an active exception"): a finished rank then ends with SIGABRT.
+        atexit.register(shutdown)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = launcher_local_rank()
     if accel == "cuda":
@@ -210,6 +227,25 @@ def on_rank0(fn: Callable[[], T]) -> T:
     if kind == "error":
         raise RuntimeError(value)
     return value
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj` in rank order on rank 0; [] on the other ranks, [obj] in a world of one."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if any, before the interpreter exits.
+
+    Left to the interpreter's exit, the gloo/NCCL threads can be torn down in the wrong order
+    ("terminate called without an active exception"), so a finished rank ends with SIGABRT.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

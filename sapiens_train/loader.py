@@ -6,6 +6,12 @@ position right after the batches the engine has taken so far. `ResumableLoader` 
 of a torch DataLoader (worker prefetching does not move the saved position: it counts the batches it
 handed out). Streaming sources (the webdataset loader in `sapiens_train.stream`) implement the
 same three methods.
+
+On another number of ranks (an elastic resume) the engine calls `load_elastic_state(states)` with the
+states of every saved rank. Here the ranks take strided shares of one seeded permutation, so what they
+had consumed together is a prefix of it; the rest of the epoch is the permutation after that prefix,
+shared out over the new ranks the same way (each remaining sample once, except the last < world_size
+x batch_size when they do not divide).
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ class ResumableDistributedSampler(Sampler[int]):
         self.shuffle, self.seed = shuffle, seed
         self.epoch = 0
         self.start = 0
+        self.offset = 0  # samples of the permutation consumed before this layout (elastic resume)
 
     def __len__(self) -> int:
-        return self.num_samples // self.world_size - self.start
+        return (self.num_samples - self.offset) // self.world_size - self.start
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -46,7 +53,8 @@ class ResumableDistributedSampler(Sampler[int]):
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
-        per_rank = self.num_samples // self.world_size
+        order = order[self.offset :]
+        per_rank = len(order) // self.world_size
         return order[self.rank : per_rank * self.world_size : self.world_size]
 
     def __iter__(self) -> Iterator[int]:
@@ -80,6 +88,7 @@ class ResumableLoader:
         self.num_workers = num_workers
         self.collate_fn = collate_fn
         self.pin_memory = pin_memory
+        self.world_size = world_size
         self.epoch = 0
         self.batches = 0  # handed out in this epoch
         if len(self) == 0:
@@ -88,17 +97,42 @@ class ResumableLoader:
             )
 
     def __len__(self) -> int:
-        return self.sampler.num_samples // self.sampler.world_size // self.batch_size
+        """Batches of this rank in the current epoch (its rest, after an elastic resume)."""
+        s = self.sampler
+        return (s.num_samples - s.offset) // s.world_size // self.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.batches = epoch, 0
+            self.epoch, self.batches, self.sampler.offset = epoch, 0, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches}
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "offset": self.sampler.offset,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_samples": self.sampler.num_samples,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.sampler.offset = int(state.get("offset", 0))
+
+    def load_elastic_state(self, states: list[dict]) -> None:
+        """Continue the epoch of `states` (every saved rank's `state_dict()`), saved on another number of
+        ranks or with another batch size: the new ranks share the permutation after what was consumed."""
+        s0 = states[0]
+        if int(s0.get("num_samples", self.sampler.num_samples)) != self.sampler.num_samples:
+            raise ValueError(
+                f"the saved data position is for {s0['num_samples']} samples, the dataset has "
+                f"{self.sampler.num_samples}"
+            )
+        consumed = int(s0["batches"]) * int(s0["batch_size"]) * int(s0["world_size"])
+        self.epoch, self.batches = int(s0["epoch"]), 0
+        self.sampler.offset = int(s0.get("offset", 0)) + consumed
+        if len(self) == 0:  # less than one batch per rank left: the next epoch
+            self.set_epoch(self.epoch + 1)
 
     def __iter__(self) -> Iterator:
         self.sampler.set_epoch(self.epoch)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -22,12 +24,17 @@ PEAK_BF16_TFLOPS = {"H200": 790.0, "H100": 798.0, "A100": 312.0}
 
 
 def measure_matmul_tflops(
-    device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None, seconds: float = 0.2
 ) -> float:
-    """Achieved TFLOP/s of a square matmul on `device`: the practical peak when no table entry applies."""
+    """Achieved TFLOP/s of a square matmul on `device`: the practical peak when no table entry applies.
+
+    The operands come from a generator of their own: the global random streams (which a resumed run
+    restores exactly) are never touched.
+    """
     n = n or (4096 if device.type == "cuda" else 512)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
 
     def sync():
         if device.type == "cuda":
@@ -40,25 +47,58 @@ def measure_matmul_tflops(
         a @ b
         reps += 1
         sync()
-        if time.perf_counter() - t0 > 0.2 or reps >= 50:
+        if time.perf_counter() - t0 > seconds or reps >= 50:
             break
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def peak_tflops(device: torch.device, precision: str, configured: float | None = None) -> tuple[float, str]:
-    """(peak TFLOP/s of one device, where it came from): the config, the GPU table (bf16), or a measured matmul."""
-    if configured is not None:
-        return configured, "config"
-    if device.type == "cuda" and precision == "bf16":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return value, f"table ({name})"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 256 if (device.type == "cpu" and dtype == torch.bfloat16) else None  # CPU bf16 matmuls are slow
-    # Best of three: on a busy machine one short measurement can land far under the real peak (MFU > 100 %).
-    best = max(measure_matmul_tflops(device, dtype, n) for _ in range(3))
-    return best, f"measured {dtype} matmul (best of 3)"
+class PeakMeter:
+    """The peak TFLOP/s of one device that MFU is reported against, and where it comes from.
+
+    `engine.peak_tflops` from the config wins; then the table of known GPUs (bf16); else a matmul
+    measured on the device (the median of five short ones). A CPU is shared with the loader workers
+    and other processes, whose load moves both the training speed and the peak: there the peak is
+    measured again (median of three) for every log window, so MFU compares the two under the same load
+    (a single measurement at start-up on a busy machine gave MFU of 800 %).
+    """
+
+    def __init__(self, device: torch.device, precision: str, configured: float | None = None):
+        self.device = device
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        # CPU bf16 matmuls are ~100x slower than fp32 ones: a smaller one measures the same rate.
+        self.n = 256 if (device.type == "cpu" and self.dtype == torch.bfloat16) else None
+        self.remeasure = False
+        if configured is not None:
+            self.value, self.source = configured, "engine.peak_tflops (config)"
+            return
+        if device.type == "cuda" and precision == "bf16":
+            name = torch.cuda.get_device_name(device)
+            for key, value in PEAK_BF16_TFLOPS.items():
+                if key in name:
+                    self.value, self.source = value, f"the table of known GPUs ({name}, bf16)"
+                    return
+        self.remeasure = device.type == "cpu"
+        self.value = self._measure(5)
+        what = str(self.dtype).removeprefix("torch.")
+        when = "measured again in every log window" if self.remeasure else "measured at start-up"
+        self.source = f"a {what} matmul on {device.type}, median of short runs, {when}"
+
+    def _measure(self, runs: int) -> float:
+        seconds = 0.05 if self.device.type == "cpu" else 0.2
+        return statistics.median(
+            measure_matmul_tflops(self.device, self.dtype, self.n, seconds) for _ in range(runs)
+        )
+
+    def current(self) -> float:
+        """The peak for the window just ended (measured again on a CPU)."""
+        if self.remeasure:
+            self.value = self._measure(3)
+        return self.value
+
+    def describe(self) -> str:
+        return (
+            f"a peak of {self.value:.3g} TFLOP/s per device from {self.source} (engine.peak_tflops sets it)"
+        )
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -101,7 +141,10 @@ class RunLogger:
         if not enabled:
             return
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.jsonl_path, "a")  # appended: a resumed run continues the same log
+        # A rerun continues the log from the step it resumed at: records the interrupted run wrote after
+        # its checkpoint are dropped (they will be written again), so every step appears once.
+        truncate_jsonl(self.jsonl_path, initial_step)
+        self._jsonl = open(self.jsonl_path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -162,6 +205,25 @@ def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN/inf
     return v
+
+
+def truncate_jsonl(path: str | Path, last_step: int) -> None:
+    """Keep only the records of a JSONL log with "step" <= last_step (atomically); lines that do not
+    parse (a write cut by a kill) go too. Nothing happens when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def read_log(jsonl_path: str | Path) -> list[dict]:

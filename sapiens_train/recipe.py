@@ -8,9 +8,8 @@ A trainer module reads top to bottom in this order, and its `main` is the same f
             return print_plan(cfg, architecture=lambda: build_architecture(cfg),
                               param_groups=param_groups(cfg), data_plan=describe_data(cfg, checked))
         engine = Engine(lambda: build_model(cfg, checked), cfg.engine, cfg.optim,
-                        param_groups=param_groups(cfg), flops_per_sample=..., config_to_save=cfg)
-        if resume:
-            engine.resume()
+                        param_groups=param_groups(cfg), flops_per_sample=..., config_to_save=cfg,
+                        resume=resume)                   # verified before DeepSpeed; any number of ranks
         data = build_data(cfg, engine, checked)          # this rank's micro-batches, resumable
         summary = engine.fit(data, step_fn, hooks=build_hooks(cfg))
         return finish(cfg, engine, summary)              # exports, final evaluation

@@ -474,12 +474,48 @@ class ShardReport:
     num_people: int = 0
     num_keypoints: int = 0  # labelled keypoints (v > 0)
     keypoint_counts: dict = field(default_factory=dict)  # K -> number of people with K keypoints
+    skipped: dict = field(default_factory=dict)  # reason -> samples the loaders would skip for it
+
+
+def _people(sample: dict) -> list[dict]:
+    """The sample's annotations (people); ValueError when its JSON is not what the loaders read."""
+    if "json" not in sample:
+        return []
+    meta = json.loads(sample["json"])  # ValueError (UnicodeDecodeError is one) on bad bytes
+    if not isinstance(meta, dict):
+        raise ValueError("the JSON is not an object")
+    people = meta.get("annotations", [])
+    if not isinstance(people, list) or not all(isinstance(p, dict) for p in people):
+        raise ValueError("'annotations' is not a list of objects")
+    for person in people:
+        k = person.get("keypoints", [])
+        if not isinstance(k, list) or not all(isinstance(v, (int, float)) for v in k):
+            raise ValueError("'keypoints' is not a list of numbers")
+    return people
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header; ValueError when it is not an image or a decompression bomb
+    (more than PIL's `Image.MAX_IMAGE_PIXELS`, the limit the MAE and pose loaders apply too)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Image.DecompressionBombError:  # PIL's own refusal, above twice its limit
+        raise ValueError("image over the pixel limit") from None
+    except Exception as e:  # PIL raises many kinds for bad bytes
+        raise ValueError(f"undecodable image ({type(e).__name__})") from None
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise ValueError("image over the pixel limit")
+    return w, h
 
 
 def inspect_shards(
     spec: str, *, sheet: str | None = None, num_images: int = 16, cols: int = 4, tile_size: int = 256
 ) -> list[ShardReport]:
-    """Count samples and keypoint annotations per shard; optionally write a contact sheet."""
+    """Count samples and keypoint annotations per shard; optionally write a contact sheet.
+
+    Samples the loaders would skip (JSON they cannot read, an image that does not decode or exceeds the
+    pixel limit) are counted in `skipped` by reason instead of stopping the report."""
     from sapiens_train.stream import resolve_shards
 
     shards = resolve_shards(spec)
@@ -488,15 +524,21 @@ def inspect_shards(
         rep = ShardReport(shard.url)
         for sample in wds.tarfile_samples([{"url": shard.url}], handler=wds.warn_and_continue):
             rep.num_samples += 1
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-            people = meta.get("annotations", [])
+            try:
+                people = _people(sample)
+                if "jpg" in sample:
+                    _image_size(sample["jpg"])
+                    if sheet is not None and len(thumbs) < num_images:
+                        thumbs.append(_draw_sample(sample["jpg"], people))
+            except ValueError as e:
+                reason = "bad JSON" if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)) else str(e)
+                rep.skipped[reason] = rep.skipped.get(reason, 0) + 1
+                continue
             for person in people:
                 k = person.get("keypoints", [])
                 rep.num_people += 1
                 rep.num_keypoints += sum(1 for v in k[2::3] if v > 0)
                 rep.keypoint_counts[len(k) // 3] = rep.keypoint_counts.get(len(k) // 3, 0) + 1
-            if sheet is not None and len(thumbs) < num_images and "jpg" in sample:
-                thumbs.append(_draw_sample(sample["jpg"], people))
         reports.append(rep)
     if sheet is not None:
         _write_sheet(thumbs, sheet, cols, tile_size)
@@ -509,12 +551,18 @@ def _draw_sample(jpg: bytes, people: list[dict]):
     from sapiens_lite.keypoints import scheme_for_num_keypoints
     from sapiens_lite.visualize import draw_keypoints
 
-    image = np.array(Image.open(io.BytesIO(jpg)).convert("RGB"))
+    try:
+        image = np.array(Image.open(io.BytesIO(jpg)).convert("RGB"))
+    except Exception as e:  # a header that parses over data that does not
+        raise ValueError(f"undecodable image ({type(e).__name__})") from None
     for person in people:
         k = person.get("keypoints", [])
-        if len(k) < 3:
+        if len(k) < 3 or len(k) % 3:
             continue
-        scheme = scheme_for_num_keypoints(len(k) // 3)
+        try:
+            scheme = scheme_for_num_keypoints(len(k) // 3)
+        except UserError:
+            continue  # a count of no known scheme: counted, not drawn
         image = draw_keypoints(image, np.asarray(k, dtype=np.float32).reshape(-1, 3), scheme)
     return image
 
@@ -522,17 +570,22 @@ def _draw_sample(jpg: bytes, people: list[dict]):
 def _write_sheet(images: list, path: str, cols: int, tile_size: int) -> None:
     import numpy as np
 
+    from sapiens_lite.paths import make_dir
     from sapiens_lite.visualize import contact_sheet
 
     if not images:
-        raise UserError("no images to draw: the shards hold no .jpg members")
+        raise UserError("no images to draw: the shards hold no readable .jpg members")
     sheet = contact_sheet(images, cols=cols, tile_size=tile_size)
     img = sheet if isinstance(sheet, Image.Image) else Image.fromarray(np.asarray(sheet, dtype=np.uint8))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "--out")
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--out: cannot write {path} ({e.strerror or e})") from None
 
 
 def format_report(reports: list[ShardReport]) -> str:
@@ -560,4 +613,12 @@ def format_report(reports: list[ShardReport]) -> str:
         )
     else:
         lines.append("keypoint annotations: none")
+    skipped: dict[str, int] = {}
+    for r in reports:
+        for reason, n in r.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    if skipped:
+        where = ", ".join(os.path.basename(r.url) for r in reports if r.skipped)
+        what = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        lines.append(f"samples the loaders skip: {what} (in {where})")
     return "\n".join(lines)

@@ -68,7 +68,20 @@ Resume
     moves to the next epoch by itself. `set_epoch(e)` with a new `e` starts epoch e from its
     beginning (with the current epoch it does nothing, so it is safe after `load_state_dict`).
 
-DataLoader workers are started for each pass (not persistent).
+Another number of ranks (elastic resume)
+    `load_elastic_state([state of rank 0, ..., state of rank W-1])` on a loader built for the new
+    world size (and possibly another batch size or number of workers) continues the saved epoch with
+    the samples that no saved (rank, worker) slot had consumed: the consumed positions of every slot
+    are recomputed from its saved position (its shuffle blocks are seeded, so the partly read block's
+    order is known), and the remaining virtual indices, in order, become the rest of the epoch's
+    sequence, split over the new slots as above. So every remaining sample is read exactly once,
+    except the last < one new global batch (drop_last). Samples keep their seeds (they follow the
+    virtual index), and the next epoch is laid out as usual. The saved states ride along in
+    `state_dict()["rest_of_epoch"]`, so a further resume (on any world size) in the same epoch works.
+
+DataLoader workers are started for each pass (not persistent), from a `torch.Generator` of the loader's
+own (seeded by seed, epoch, rank and position): creating them never draws from the global torch RNG,
+which a resumed run restores exactly.
 """
 
 from __future__ import annotations
@@ -301,6 +314,7 @@ class _Plan:
     slot_start: list[int]  # epoch mode: the slot's first index in the epoch's virtual sequence
     positions: list[int]  # where each slot resumes in its own stream
     first_slot: int = 0  # DataLoader worker i plays slot (first_slot + i) % K
+    seq: np.ndarray | None = None  # the rest of an epoch after an elastic resume: its virtual indices
     total: int = field(init=False)
 
     def __post_init__(self):
@@ -309,10 +323,36 @@ class _Plan:
     # --- raw samples of one slot, in order, from stream position p
 
     def reader(self, slot: int, p: int, io_stats: Counter) -> Iterator[tuple[int, dict | None]]:
-        if self.mode == "epoch":
+        if self.mode == "epoch" and self.seq is not None:
+            yield from self._seq_reader(self.slot_start[slot] + p, io_stats)
+        elif self.mode == "epoch":
             yield from self._epoch_reader(self.slot_start[slot] + p, io_stats)
         else:
             yield from self._resampled_reader(slot, p, io_stats)
+
+    def _seq_reader(self, j: int, io_stats: Counter):
+        """Position j of `seq` onwards (cyclic), as (virtual index + wraps x N, sample). `seq` is sorted, so
+        each shard is opened once per pass; the consumed samples between wanted ones are read, not decoded."""
+        counts = [self.counts[i] for i in self.order]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        n_seq = len(self.seq)
+        while True:
+            i, wrap = j % n_seq, j // n_seq
+            s = int(np.searchsorted(starts, self.seq[i], side="right")) - 1
+            end = int(np.searchsorted(self.seq, starts[s + 1], side="left"))  # this shard's part of seq
+            offsets = (self.seq[i:end] - starts[s]).tolist()
+            first = offsets[0]
+            wanted = iter(offsets)
+            nxt = next(wanted)
+            url = self.urls[self.order[s]]
+            for k, sample in enumerate(_read_shard(url, first, offsets[-1] - first + 1, counts[s], io_stats)):
+                if first + k != nxt:
+                    continue
+                yield int(starts[s]) + nxt + wrap * self.total, sample
+                j += 1
+                nxt = next(wanted, None)
+                if nxt is None:
+                    break
 
     def _epoch_reader(self, v: int, io_stats: Counter):
         counts = [self.counts[i] for i in self.order]
@@ -430,6 +470,59 @@ class _Plan:
         return item
 
 
+def _slot_batches(total: float, k: int, k_slots: int) -> float:
+    """Number of batch indices j in [0, total) with j % k_slots == k."""
+    if total == math.inf:
+        return math.inf
+    return max(0, (int(total) - k + k_slots - 1) // k_slots)
+
+
+def _epoch_layout(n_seq: int, world_size: int, rank: int, k_slots: int, b: int, drop_last: bool):
+    """(batches per rank, batches per slot, samples per slot, first sequence index per slot) of one epoch
+    whose sequence has n_seq samples: rank r owns [r*L*b, (r+1)*L*b), split into contiguous slot ranges."""
+    g = world_size * b
+    total = n_seq // g if drop_last else -(-n_seq // g)
+    slot_total = [_slot_batches(total, k, k_slots) for k in range(k_slots)]
+    main = [n * b for n in slot_total]
+    rank_start = rank * total * b
+    start = [rank_start + sum(main[:k]) for k in range(k_slots)]
+    return total, slot_total, main, start
+
+
+def _remaining(states: list[dict], num_samples: int) -> np.ndarray:
+    """The virtual indices of the saved epoch that no slot of the saved ranks (`states`, one per rank)
+    had consumed, ascending."""
+    s0 = states[0]
+    rest = s0.get("rest_of_epoch")
+    base = _remaining(rest["from"], num_samples) if rest else np.arange(num_samples, dtype=np.int64)
+    taken = np.zeros(num_samples, dtype=bool)
+    for st in states:
+        k_slots, b, c = (
+            max(1, int(st["num_workers"])),
+            int(st["batch_size"]),
+            max(1, int(st["shuffle_buffer"])),
+        )
+        _, slot_total, main, start = _epoch_layout(
+            len(base), int(st["world_size"]), int(st["rank"]), k_slots, b, bool(st["drop_last"])
+        )
+        done = int(st["batches_in_epoch"])
+        positions = {int(k): int(p) for k, p in st.get("positions", {}).items()}
+        for k in range(k_slots):
+            p = min(positions.get(k, _slot_batches(done, k, k_slots) * b), main[k])
+            full = (p // c) * c  # whole shuffle blocks consumed
+            layout = [np.arange(start[k], start[k] + full, dtype=np.int64)]
+            if p > full:  # the partly read block: its first p - full items in the block's seeded order
+                a, e = full, min(full + c, main[k])
+                if c > 1:
+                    rng = np.random.default_rng([int(st["seed"]), int(st["epoch"]), int(st["rank"]), k, a])
+                    perm = rng.permutation(e - a)[: p - full]
+                else:
+                    perm = np.arange(p - full)
+                layout.append(start[k] + a + perm.astype(np.int64))
+            taken[base[np.concatenate(layout) % len(base)]] = True
+    return base[~taken[base]]
+
+
 class _RankDataset(torch.utils.data.IterableDataset):
     def __init__(self, plan: _Plan):
         self.plan = plan
@@ -501,6 +594,10 @@ class StreamLoader:
         self._positions: dict[int, int] = {}
         self._base_stats: Counter = Counter()
         self._pass_stats: dict[int, dict] = {}
+        self._rest: dict | None = (
+            None  # {"epoch", "from": saved states}: this epoch's rest after an elastic resume
+        )
+        self._seq: np.ndarray | None = None  # its virtual indices
         if mode == "epoch" and self._epoch_batches() == 0:
             g = world_size * batch_size
             raise UserError(
@@ -517,8 +614,8 @@ class StreamLoader:
     def _epoch_batches(self) -> float:
         if self.mode == "resampled":
             return math.inf if self.batches_per_epoch is None else self.batches_per_epoch
-        g = self.world_size * self.batch_size
-        return self.num_samples // g if self.drop_last else -(-self.num_samples // g)
+        n = len(self._seq) if self._seq is not None else self.num_samples
+        return _epoch_layout(n, self.world_size, 0, 1, self.batch_size, self.drop_last)[0]
 
     def __len__(self) -> int:
         n = self._epoch_batches()
@@ -528,9 +625,7 @@ class StreamLoader:
 
     def _slot_batches(self, total: float, k: int) -> float:
         """Number of j in [0, total) with j % K == k."""
-        if total == math.inf:
-            return math.inf
-        return max(0, (int(total) - k + self.num_slots - 1) // self.num_slots)
+        return _slot_batches(total, k, self.num_slots)
 
     # --- epochs and state
 
@@ -539,6 +634,7 @@ class StreamLoader:
             self.epoch = epoch
             self.batches_in_epoch = 0
             self._positions = {}
+            self._rest, self._seq = None, None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -560,6 +656,9 @@ class StreamLoader:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "num_samples": self.num_samples,
+            "shuffle_buffer": self.shuffle_buffer,
+            "drop_last": self.drop_last,
+            "rest_of_epoch": self._rest,
             "stats": self.stats,
         }
 
@@ -583,6 +682,33 @@ class StreamLoader:
             self._positions = {}
         self._base_stats = Counter({k: int(v) for k, v in state.get("stats", {}).items() if v})
         self._pass_stats = {}
+        self._rest = state.get("rest_of_epoch")
+        self._seq = _remaining(self._rest["from"], self.num_samples) if self._rest else None
+
+    def load_elastic_state(self, states: list[dict]) -> None:
+        """Continue the epoch of `states` (the `state_dict()` of every saved rank, in rank order), saved
+        with another world size, batch size or number of workers: see the module docstring."""
+        s0 = states[0]
+        for key in ("mode", "seed", "num_samples"):
+            if s0.get(key) != getattr(self, key):
+                raise UserError(
+                    f"the saved data position was made with {key}={s0.get(key)!r}, this loader has "
+                    f"{key}={getattr(self, key)!r}; resume with the same data"
+                )
+        if len(states) != int(s0["world_size"]) or len({int(s["epoch"]) for s in states}) != 1:
+            raise UserError("the saved data positions are not one epoch of every saved rank")
+        self.epoch, self.batches_in_epoch, self._positions = int(s0["epoch"]), 0, {}
+        self._pass_stats = {}
+        mine = states[self.rank] if self.rank < len(states) else {}
+        self._base_stats = Counter({k: int(v) for k, v in mine.get("stats", {}).items() if v})
+        self._rest, self._seq = None, None
+        if self.mode == "resampled":
+            return  # no exactly-once promise to keep: the epoch's draws start again on the new slots
+        if s0.get("rest_of_epoch") or any(int(s["batches_in_epoch"]) for s in states):
+            self._rest = {"epoch": self.epoch, "from": states}
+            self._seq = _remaining(states, self.num_samples)
+        if self._epoch_batches() == 0:  # less than one global batch left: on to the next epoch
+            self._next_epoch()
 
     # --- iteration
 
@@ -598,9 +724,8 @@ class StreamLoader:
                 order = (
                     np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(len(order)).tolist()
                 )
-            main = [n * b for n in slot_total]
-            rank_start = self.rank * int(total) * b
-            start = [rank_start + sum(main[:k]) for k in range(k_slots)]
+            n_seq = len(self._seq) if self._seq is not None else self.num_samples
+            _, _, main, start = _epoch_layout(n_seq, self.world_size, self.rank, k_slots, b, self.drop_last)
         else:
             order, main, start = [], [math.inf] * k_slots, [0] * k_slots
         positions = [self._positions.get(k, slot_done[k] * b) for k in range(k_slots)]
@@ -622,6 +747,7 @@ class StreamLoader:
             slot_start=start,
             positions=positions,
             first_slot=done % k_slots,
+            seq=self._seq,
         )
 
     def __iter__(self):
@@ -633,8 +759,12 @@ class StreamLoader:
         if self.num_workers == 0:
             source = plan.batches(0)
         else:
+            # Its own generator: the DataLoader draws its workers' base seed from it, not from the global
+            # torch RNG (a resumed run creates this iterator at another point of the global stream).
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, self.rank, self.batches_in_epoch))
             loader = torch.utils.data.DataLoader(
                 _RankDataset(plan),
+                generator=g,
                 batch_size=None,
                 num_workers=self.num_workers,
                 collate_fn=_passthrough,
@@ -669,6 +799,7 @@ class StreamLoader:
         self.epoch += 1
         self.batches_in_epoch = 0
         self._positions = {}
+        self._rest, self._seq = None, None
 
 
 def build_stream(

@@ -321,3 +321,26 @@ def test_pose_stream_from_webdataset_shards(tmp_path):
     ref = TopDownDataset([person], _spec(), train=False)[0]
     torch.testing.assert_close(batches[0]["heatmaps"][0], ref["heatmaps"])
     assert batches[1]["meta"]["ann_id"].tolist() == [7, 7]
+
+
+def test_a_pixel_bomb_is_refused_before_decoding():
+    """A 20000 x 20000 single-colour PNG (under 1 MiB) stored as a sample's image: OpenCV would decode it
+    (13 s, 2.8 GiB); the decoder refuses it from the header, as the MAE loader's PIL limit does."""
+    import io
+    import time
+
+    from PIL import Image
+
+    from finetune.data import decode_image_bytes
+    from sapiens_lite.errors import UserError
+
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000), 7).save(buf, "PNG")
+    assert len(buf.getvalue()) < 2**20
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="shard-0.tar:bomb: .*image is over the .*-pixel limit"):
+        decode_image_bytes(buf.getvalue(), "shard-0.tar:bomb")
+    assert time.perf_counter() - t0 < 2.0
+    small = io.BytesIO()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(small, "PNG")
+    assert decode_image_bytes(small.getvalue(), "ok").shape == (30, 40, 3)

@@ -17,6 +17,7 @@ from pretrain.mae import mae_forward_flops
 from sapiens_lite.cli import main as sapiens
 from sapiens_lite.config import load_config
 from sapiens_lite.errors import ConfigError
+from sapiens_train.engine import resolve_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 
@@ -172,7 +173,9 @@ def test_shipped_configs_load_and_keep_the_recipe(name):
     if name.startswith("sapiens"):
         assert cfg.model.encoder.arch == name and cfg.data.img_size == (1024, 768)
         assert cfg.optim.blr == 1.5e-4 and cfg.engine.global_batch_size == 4096
-        assert cfg.engine.micro_batch_size * cfg.engine.grad_accum_steps * 64 == 4096
+        gbs, accum, _ = resolve_batch(cfg.engine, 64)  # 8 nodes x 8 GPUs
+        assert gbs == 4096 and cfg.engine.micro_batch_size * accum * 64 == 4096
+        assert resolve_batch(cfg.engine, 1)[0] == 4096  # one GPU: the accumulation is derived, no error
         assert cfg.engine.precision == "bf16" and cfg.optim.warmup_steps * 40 == cfg.engine.total_steps
 
 

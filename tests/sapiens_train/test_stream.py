@@ -58,6 +58,10 @@ def key_of(sample):
     return sample["__key__"]
 
 
+def key_and_seed(sample):
+    return sample["__key__"], sample["__seed__"]
+
+
 def keys(batches):
     return [k for b in batches for k in b]
 
@@ -499,3 +503,72 @@ def test_two_ranks_two_workers_exactly_once(tmp_path):
     assert counts[0] == counts[1] == results[0]["len"] == 35 // 4
     seen = [k for r in results for b in r["batches"] for k in b]
     assert len(seen) == len(set(seen)) == 32  # 35 - 3: the last incomplete global batch is dropped
+
+
+# ----------------------------------------------------------------------------- another number of ranks
+
+
+@pytest.mark.parametrize(
+    "world,taken,new_world,new_workers",
+    [(2, 3, 1, 0), (1, 5, 2, 2), (3, 2, 2, 1), (2, 0, 3, 2), (2, 8, 1, 1)],
+)
+def test_elastic_state_continues_the_epoch_exactly_once(tmp_path, world, taken, new_world, new_workers):
+    """States of every rank saved after `taken` batches, loaded on another world size (and number of
+    workers): the rest of the epoch holds every sample no rank had read, once, but the last < one new
+    global batch; the next epoch is a whole one again. Seeds follow the sample (the same augmentation)."""
+    make_shards(tmp_path, sizes=[13, 4, 17, 9, 6])  # 49 samples
+
+    def new(rank, w, workers=2):
+        return build_stream(tmp_path, decode=key_and_seed, collate=list, batch_size=2, num_workers=workers,
+                            seed=5, rank=rank, world_size=w, shuffle_buffer=5)  # fmt: skip
+
+    seeds = {k: seed for r in range(world) for k, seed in keys(list(new(r, world)))}  # a whole epoch
+    states, before = [], []
+    for rank in range(world):
+        loader = new(rank, world)
+        it = iter(loader)
+        before += keys([next(it) for _ in range(taken)])
+        states.append(json.loads(json.dumps(loader.state_dict())))
+        del it
+    rest, next_epoch = [], []
+    for rank in range(new_world):
+        loader = new(rank, new_world, new_workers)
+        loader.load_elastic_state(states)
+        rest += keys(list(loader))
+        assert loader.epoch == 1
+        next_epoch += keys(list(loader))
+    seen = [k for k, _ in before + rest]
+    assert len(seen) == len(set(seen)), "a sample was read twice"
+    assert 49 - len(seen) == (49 - len(before)) % (new_world * 2)
+    assert all(seeds.get(k, seed) == seed for k, seed in before + rest)  # same seed as in the whole epoch
+    assert len(next_epoch) == (49 // (new_world * 2)) * new_world * 2
+
+    # A second hop within the same epoch: the saved rest rides along in the state.
+    if rest and world == 2 and new_world == 1:
+        hop = new(0, 1, 0)
+        hop.load_elastic_state(states)
+        it = iter(hop)
+        first = keys([next(it) for _ in range(2)])
+        state = json.loads(json.dumps(hop.state_dict()))
+        del it
+        again = []
+        for rank in range(2):
+            loader = new(rank, 2)
+            loader.load_elastic_state([state])
+            again += keys(list(loader))
+        seen2 = [k for k, _ in before + first + again]
+        assert len(seen2) == len(set(seen2))
+        assert 49 - len(seen2) == (49 - len(before) - len(first)) % 4
+
+
+def test_loader_workers_draw_nothing_from_the_global_rng(shards, tmp_path):
+    """Starting DataLoader workers takes a base seed from the loader's own generator, so a resumed run
+    (which starts them at another point of the global stream) keeps the global torch RNG in step."""
+    loader = build_stream(tmp_path / "shards", decode=key_of, batch_size=2, num_workers=2, seed=0, rank=0,
+                          world_size=1)  # fmt: skip
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    it = iter(loader)
+    next(it)
+    del it
+    assert torch.equal(torch.get_rng_state(), before)
