@@ -288,7 +288,8 @@ class Engine:
         tag0 = on_rank0(lambda: tag) if resume else None
         if (rank, world) != (self.rank, self.world_size) or tag0 != tag:  # or a launcher we do not know
             self.rank, self.world_size, self.is_main = rank, world, rank == 0
-            plan = self._plan_resume(tag0 or cfg.resume_from) if resume else None
+            # With tag0 given, _plan_resume makes no collective call: ranks may take this branch alone.
+            plan = self._plan_resume(tag0) if tag0 else None
             keep = plan.saved_global_batch if plan is not None and plan.elastic else None
             self.global_batch_size, self.grad_accum_steps, batch_note = resolve_batch(
                 cfg, self.world_size, keep_global=keep
