@@ -1,8 +1,10 @@
-"""The `sapiens finetune` and `sapiens eval` commands (added through the `sapiens.commands` entry points).
+"""The `sapiens finetune`, `eval`, `distill`, `distill-cache` and `distill-backbone` commands (added through
+the `sapiens.commands` entry points).
 
 sapiens finetune --config configs/finetune/tiny_cpu_coco17.yaml engine.total_steps=100
 sapiens eval --checkpoint runs/tiny/final --config configs/finetune/tiny_cpu_coco17.yaml
 sapiens eval --checkpoint runs/tiny/final --ann val.json --images val/ --detections dets.json
+sapiens distill --config configs/distill/tiny_cpu_coco17.yaml           (and distill-cache, distill-backbone)
 """
 
 from __future__ import annotations
@@ -127,3 +129,85 @@ def _is_foreign_file(path: str) -> bool:
     from sapiens_lite.loading import locate
 
     return locate(path)[0] == "file"
+
+
+# ---- distillation ----------------------------------------------------------------------------------
+
+
+def _add_trainer_flags(p) -> None:
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has a checkpoint")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate config, teacher and data; print the resolved config, DeepSpeed config, AdamW groups "
+        "and data plan",
+    )
+
+
+def add_distill_command(sub) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a pose teacher into a smaller student (DWPose's two stages)",
+        description="Pose distillation: a frozen teacher (any checkpoint load_model reads) and a student; "
+        "ground-truth + heatmap + feature losses. Settings: defaults < --config files < section.key=value.",
+    )
+    add_config_arguments(p, example="distill.stage=2")
+    _add_trainer_flags(p)
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args) -> int:
+    from finetune.distill import main
+    from finetune.distill_config import DistillConfig
+    from sapiens_lite.config import load_config
+
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    summary = main(cfg, resume=not args.no_resume, dry_run=args.dry_run)
+    metrics = summary.get("metrics") or {}
+    if metrics:
+        print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return 0
+
+
+def add_distill_cache_command(sub) -> None:
+    p = sub.add_parser(
+        "distill-cache",
+        help="run a distillation teacher once over the training shards and store its outputs",
+        description="Write teacher.cache: the shards of data.train_shards with the teacher's heatmaps "
+        "(and features) for data.views augmentation draws per image. Resumable.",
+    )
+    add_config_arguments(p, config_help="the distillation config (the same one the run uses)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_distill_cache)
+
+
+def run_distill_cache(args) -> int:
+    from finetune.distill import write_teacher_cache
+    from finetune.distill_config import DistillConfig
+    from sapiens_lite.config import load_config
+
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    write_teacher_cache(cfg, progress=not args.no_progress)
+    return 0
+
+
+def add_distill_backbone_command(sub) -> None:
+    p = sub.add_parser(
+        "distill-backbone",
+        help="distil a teacher backbone into a smaller ViT on unlabeled images",
+        description="Backbone distillation: the student matches the teacher's intermediate tokens on "
+        "unlabeled image shards; run_dir/backbone/ starts `sapiens finetune` (init.path=run_dir).",
+    )
+    add_config_arguments(p)
+    _add_trainer_flags(p)
+    p.set_defaults(func=run_distill_backbone)
+
+
+def run_distill_backbone(args) -> int:
+    from finetune.distill_backbone import main
+    from finetune.distill_config import BackboneDistillConfig
+    from sapiens_lite.config import load_config
+
+    cfg = load_config(BackboneDistillConfig, args.config, args.overrides)
+    main(cfg, resume=not args.no_resume, dry_run=args.dry_run)
+    return 0

@@ -139,6 +139,9 @@ _HELP: dict[str, str] = {
     "export-backbone": "consolidate a pretraining run's (ZeRO) checkpoint into a backbone folder",
     "finetune": "top-down heatmap pose fine-tuning with DeepSpeed",
     "eval": "OKS AP / PCK evaluation of a pose model",
+    "distill": "distil a pose teacher into a smaller student (DWPose's two stages)",
+    "distill-cache": "run a distillation teacher once over the training shards and store its outputs",
+    "distill-backbone": "distil a teacher backbone into a smaller ViT on unlabeled images",
 }
 
 

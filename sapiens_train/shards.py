@@ -360,6 +360,35 @@ def write_shard(task: ShardTask) -> ShardInfo:
     )
 
 
+def read_samples(url: str) -> Iterable[dict]:
+    """The samples of one shard in order: {"__key__", "__url__", one bytes value per member extension}."""
+    yield from wds.tarfile_samples([{"url": url}])
+
+
+def write_samples(path: str | os.PathLike, samples: Iterable[dict]) -> int:
+    """Write samples ({"__key__", extension: bytes, ...}) as one shard, atomically and reproducibly
+    (the tar format and fixed headers of `write_shard`); returns the number written."""
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    n = 0
+    with open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="sapiens", group="sapiens")
+        try:
+            for sample in samples:
+                writer.write(sample)
+                n += 1
+        except BaseException:
+            writer.close()
+            f.close()
+            os.unlink(tmp)
+            raise
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n
+
+
 def _existing_shard_info(task: ShardTask) -> ShardInfo:
     path = os.path.join(task.out_dir, task.name)
     annotations = 0
