@@ -130,6 +130,7 @@ def _one_line(e: Exception) -> str:
 
 # One-line descriptions for `sapiens --help` (which imports no command module).
 _HELP: dict[str, str] = {
+    "demo": "the whole chain on drawn people: synth, pack, pretrain, fine-tune, eval, distil, export, predict",
     "info": "versions, device, and the model archs with parameter counts and GFLOPs",
     "convert": "convert a foreign checkpoint (Sapiens .pth, MAE, timm, transformers) to our safetensors format",
     "predict": "keypoints of the people in an image, a folder, a glob or a video (JSON + overlays)",
