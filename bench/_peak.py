@@ -53,7 +53,13 @@ def device_name(device: torch.device | str) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    try:  # Linux names the model ("AMD EPYC 9654 96-Core Processor"); platform only the architecture
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
 def write_json(path: str, obj: dict) -> None:

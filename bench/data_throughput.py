@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
 import sys
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._peak import device_name, write_json  # noqa: E402
 
 SIZES = {"224x224": (224, 224), "1024x768": (1024, 768)}
 PHOTOS = (
@@ -239,7 +240,14 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)  # what one DataLoader worker gets
     src_hw = tuple(int(v) for v in args.source_size.lower().split("x"))
-    results = {"images": args.num_images, "source_size": list(src_hw), "batch": args.batch, "sizes": {}}
+    results = {
+        "benchmark": "data_throughput",
+        "device": device_name("cpu"),  # one thread: what a DataLoader worker gets
+        "images": args.num_images,
+        "source_size": list(src_hw),
+        "batch": args.batch,
+        "sizes": {},
+    }
     with tempfile.TemporaryDirectory(prefix="data_throughput_") as tmp:
         folder = os.path.join(tmp, "images")
         os.makedirs(folder)
@@ -298,8 +306,7 @@ def main(argv=None) -> int:
             print(f"{name:<10} " + " ".join(f"{row['decoders_img_s'][n]:>15.1f}" for n in names))
     print("MFU: n/a (no model FLOPs)")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.out, results)
         print(f"wrote {args.out}")
     return 0
 

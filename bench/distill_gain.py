@@ -39,6 +39,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from bench._peak import device_name  # noqa: E402
 from finetune import distill, distill_backbone  # noqa: E402
 from finetune import train as finetune  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
@@ -179,7 +182,9 @@ def main() -> int:
             setattr(plan, f.name, tuple(value) if f.name == "seeds" else value)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"plan": dataclasses.asdict(plan), "runs": {}, "seconds": {}}
+    # where the trainers run: the engine takes the GPU when there is one
+    device = device_name("cuda" if torch.cuda.is_available() else "cpu")
+    results: dict = {"plan": dataclasses.asdict(plan), "device": device, "runs": {}, "seconds": {}}
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ Two parts, both in this one process:
     python bench/inference.py --archs vit_small --steps 3        # a quicker CPU run
     python bench/inference.py --device cuda                      # GPU: sapiens_0.3b + sapiens_1b, 1024x768, bf16,
                                                                  #   batch 32, eager and compiled rows
+    python bench/inference.py --out inference.json               # also the figures as JSON (bench/run_all.py)
 
 On a GPU the defaults are sapiens_0.3b and sapiens_1b at 1024x768 in bf16 with compiled rows (`--no-compile`
 to skip them); transformers' heatmaps are cast to fp32 before its numpy post-processing (numpy has no bf16).
@@ -41,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._peak import measure_matmul_peak, mfu  # noqa: E402
+from bench._peak import device_name, measure_matmul_peak, mfu, write_json  # noqa: E402
 from sapiens_lite import codec  # noqa: E402
 from sapiens_lite.estimator import PoseEstimator  # noqa: E402
 from sapiens_lite.predict import crops_to_image  # noqa: E402
@@ -123,7 +124,8 @@ def synthetic_heatmaps(batch: int, k: int, hw: tuple[int, int], device, dtype) -
     return hm.to(device=device, dtype=dtype)
 
 
-def run_decode(args, device) -> None:
+def run_decode(args, device) -> dict:
+    """Prints the decode table; returns its figures in ms per person (`--out`)."""
     k, input_size, b = args.keypoints, (1024, 768), args.decode_batch
     hm_size = (input_size[0] // 4, input_size[1] // 4)
     centers = np.tile([[640.0, 360.0]], (b, 1))
@@ -135,6 +137,8 @@ def run_decode(args, device) -> None:
         + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
     )
     print(f"{'what':<58}{'ms/person':>10}")
+    figures = {"keypoints": k, "heatmap_size": list(hm_size), "batch": b, "ms_per_person": {}}
+    ms = figures["ms_per_person"]
     for name in args.decode_dtypes:
         hm = synthetic_heatmaps(b, k, hm_size, device, DTYPES[name])
 
@@ -144,18 +148,21 @@ def run_decode(args, device) -> None:
 
         t = timed(ours, device, 2, args.decode_steps)
         print(f"{'ours: decode + to image (torch, batched), ' + name + ' heatmaps':<58}{t / b * 1e3:>10.2f}")
+        ms[f"ours {name}"] = t / b * 1e3
         merge = timed(
             lambda hm=hm: 0.5 * (hm + codec.flip_heatmaps(hm, flip_index)), device, 1, args.decode_steps
         )
         print(f"{'ours: flip-test merge (mean with the mirrored maps), ' + name:<58}{merge / b * 1e3:>10.2f}")
+        ms[f"ours flip merge {name}"] = merge / b * 1e3
     hm1 = synthetic_heatmaps(1, k, hm_size, "cpu", torch.float32)[0].numpy()
     t = timed(lambda: mmpose_loop_decode(hm1), torch.device("cpu"), 0, 1)
     print(f"{'reference: mmpose DARK-UDP per keypoint (numpy + cv2), 1 person':<58}{t * 1e3:>10.2f}")
+    ms["mmpose"] = t * 1e3
     try:
         from transformers import VitPoseImageProcessor
         from transformers.models.vitpose.modeling_vitpose import VitPoseEstimatorOutput
     except ImportError:
-        return
+        return figures
     proc = VitPoseImageProcessor(size={"height": input_size[0], "width": input_size[1]})
     out = VitPoseEstimatorOutput(heatmaps=torch.from_numpy(hm1)[None])
     t = timed(
@@ -165,6 +172,8 @@ def run_decode(args, device) -> None:
         1,
     )
     print(f"{'reference: transformers post_process_pose_estimation, 1 person':<58}{t * 1e3:>10.2f}")
+    ms["transformers"] = t * 1e3
+    return figures
 
 
 # ---- 2. end-to-end ---------------------------------------------------------------------------------
@@ -218,7 +227,8 @@ def model_flops(model, size) -> float:
     return float(counter.get_total_flops())
 
 
-def run_e2e(args, arch: str, device, dtype, peak: float) -> None:
+def run_e2e(args, arch: str, device, dtype, peak: float) -> dict:
+    """Prints the end-to-end table of `arch`; returns its figures (`--out`)."""
     from transformers import VitPoseImageProcessor
 
     size, b, k = tuple(args.size), args.batch, args.keypoints
@@ -311,12 +321,23 @@ def run_e2e(args, arch: str, device, dtype, peak: float) -> None:
     )
     print(f"{'row':<28}{'ms/step':>10}{'img/s':>10}{'MFU':>8}")
     results = {}
+    figures = {
+        "arch": arch,
+        "params": params,
+        "flops_per_crop": flops,
+        "max_rel_diff": diff,
+        "images_per_e2e_step": n_images,
+        "image_size": [ih, iw],
+        "rows": {},
+    }
     for name, (_, n) in rows.items():
         if name in failed or not times[name]:
             print(f"{name:<28}{'failed':>10}  {failed.get(name, '')}")
+            figures["rows"][name] = {"failed": failed.get(name, "no timed step")}
             continue
         med = statistics.median(times[name])
         results[name] = n / med
+        figures["rows"][name] = {"step_s": med, "img_s": n / med, "mfu": mfu(n / med * flops, peak)}
         print(f"{name:<28}{med * 1e3:>10.1f}{n / med:>10.2f}{mfu(n / med * flops, peak):>8.1%}")
     for suffix in ("", "+compile"):
         for part in ("e2e", "model"):
@@ -326,6 +347,7 @@ def run_e2e(args, arch: str, device, dtype, peak: float) -> None:
     a, r = results.get("ours+compile e2e"), results.get("transformers e2e")
     if a and r:
         print(f"speed-up ours+compile / transformers eager (e2e): {a / r:.2f}x")
+    return figures
 
 
 def main(argv=None) -> None:
@@ -350,6 +372,7 @@ def main(argv=None) -> None:
     p.add_argument("--decode-steps", type=int, default=10)
     p.add_argument("--decode-dtypes", nargs="+", default=None, help="cpu: fp32; cuda: fp32 bf16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", help="also write the figures as JSON here (bench/run_all.py reads it)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -361,19 +384,30 @@ def main(argv=None) -> None:
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.compile = gpu if args.compile is None else args.compile
     args.decode_dtypes = args.decode_dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
+    results = {"benchmark": "inference", "device": device_name(device)}
     if args.part in ("all", "decode"):
         args.keypoints, keypoints = args.keypoints or 308, args.keypoints
-        run_decode(args, device)
+        results["decode"] = run_decode(args, device)
         args.keypoints = keypoints
     if args.part in ("all", "e2e"):
         args.keypoints = args.keypoints or 17
         dtype = DTYPES[args.dtype]
         peak = measure_matmul_peak(device, dtype)
+        results["e2e"] = {
+            "size": list(args.size),
+            "batch": args.batch,
+            "dtype": args.dtype,
+            "keypoints": args.keypoints,
+            "peak_tflops": peak,
+            "archs": {},
+        }
         for arch in args.archs:
-            run_e2e(args, arch, device, dtype, peak)
+            results["e2e"]["archs"][arch] = run_e2e(args, arch, device, dtype, peak)
             if gpu:
                 torch.cuda.empty_cache()
         print(f"\nmatmul peak re-measured after the runs: {measure_matmul_peak(device, dtype):.2f} TFLOP/s")
+    if args.out:
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,8 @@ def run_compare(args) -> None:
                 "size": list(args.size),
                 "batch": args.batch,
                 "dtype": args.dtype,
+                "decoder": f"{cfg.decoder_dim}d{cfg.decoder_depth}b",
+                "steps": args.steps,
                 "peak_tflops": peak,
                 "flops_per_image": flops_per_img,
                 "rows": rows,
