@@ -347,9 +347,10 @@ def stage_eval(ctx: Context) -> dict:
 
 
 def student_model(ctx: Context) -> dict:
-    """The student: a smaller ViT at half the teacher's input size (the same person crops, resampled)."""
+    """The student: a smaller ViT at half the teacher's input size (the same person crops, resampled), or at
+    the teacher's size where half would not be a whole number of 16-pixel patches (the quick demo)."""
     h, w = ctx.size.input_size
-    size = [h // 2, w // 2]
+    size = [h // 2, w // 2] if h % 32 == 0 and w % 32 == 0 else [h, w]
     backbone = QUICK_BACKBONE if ctx.quick else STUDENT
     return {
         "scheme": "coco17",
@@ -592,7 +593,7 @@ def _pictures(out: Path) -> list[tuple[str, list[Path]]]:
         ),
         (
             "Predictions on real photos (model trained on drawn people only)",
-            sorted(out.glob("predict/photos/*.jpg")),
+            sorted(p for p in out.glob("predict/photos/*") if p.suffix in (".jpg", ".png")),
         ),
         ("A frame of the predicted video", sorted(out.glob("predict/video/*.jpg"))[:1]),
     ]

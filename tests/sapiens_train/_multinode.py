@@ -68,19 +68,16 @@ def write_config(
 ) -> Path:
     """A vit_test MAE at 32x32 under ZeRO-2, logging every step, a checkpoint and a picture every 3 steps.
 
-    engine.peak_tflops is set so that no matmul is measured at start-up (it would draw from the global
-    random generator on rank 0 only after a resume, and shift the masks of the resumed steps). The loader
-    runs in the rank's process (num_workers 0): a DataLoader over worker processes draws its base seed from
-    the global generator when a pass starts, which after a resume shifts the masks of the resumed steps
-    too (a loader with its own generator fixes that; then workers can be used here).
+    The default path a user runs: one loader worker per rank and the MFU peak measured on the CPU (both
+    draw from generators of their own, so a resume replays the same masks and samples).
     """
     cfg = {
         "model": {"encoder": {"arch": "vit_test"}, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
-        "data": {"index": str(index), "img_size": [32, 32], "num_workers": 0, "shuffle_buffer": 8},
+        "data": {"index": str(index), "img_size": [32, 32], "num_workers": 1, "shuffle_buffer": 8},
         "engine": {
             "run_dir": str(run_dir), "seed": 5, "total_steps": total_steps, "micro_batch_size": micro_batch,
             "zero_stage": 2, "checkpoint_every": 3, "keep_last": 3, "log_every": 1, "tensorboard": True,
-            "progress": False, "peak_tflops": 1.0, **engine,
+            "progress": False, **engine,
         },
         "optim": {"lr": 2e-3, "warmup_steps": 1},
         "viz": {"every": 3, "num_images": 2},
