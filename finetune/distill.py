@@ -155,11 +155,6 @@ def validate(cfg: DistillConfig) -> TeacherPlan:
         _validate_features(cfg, teacher)
     if cfg.teacher.cache:
         _validate_cache(cfg, teacher)
-    if cfg.eval.every_steps and cfg.engine.zero_stage == 3:
-        raise UserError(
-            "eval.every_steps > 0 with engine.zero_stage=3: ZeRO-3 partitions the student; "
-            "set eval.every_steps=0 (the final model is evaluated after training)"
-        )
     return teacher
 
 
@@ -685,7 +680,7 @@ def make_step_fn(cfg: DistillConfig, engine: Engine, teacher: nn.Module | None):
 
 
 class StudentEvalHook:
-    """Engine hook: OKS AP of the student on the val set every `every` steps (rank 0; the others wait);
+    """Engine hook: OKS AP of the whole student on the val set every `every` steps (rank 0; the others wait);
     appended to run_dir/eval.jsonl, the best kept in run_dir/best/ (save_pretrained + metrics.json)."""
 
     def __init__(self, cfg: DistillConfig, every: int):
@@ -696,30 +691,31 @@ class StudentEvalHook:
     def __call__(self, engine: Engine, step: int, last_batch, metrics: dict) -> None:
         from finetune.evaluate import evaluate_model
 
-        student = engine.module.student
-        was_training = student.training
-        student.eval()
-        if engine.is_main:
-            with engine.autocast():
-                m = evaluate_model(
-                    student,
-                    self.cfg.data.val_ann,
-                    self.cfg.data.val_images,
-                    self.cfg.eval,
-                    device=engine.device,
-                    num_workers=self.cfg.data.num_workers,
-                    progress=False,
-                )
-            m = {"step": step, **m}
-            run_dir = Path(self.cfg.engine.run_dir)
-            with open(run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-            log(f"eval step {step}: AP {m['AP']:.4f}  AR {m['AR']:.4f}")
-            if m["AP"] > self.best:
-                self.best = m["AP"]
-                save_student(student.state_dict(), self.cfg.model, run_dir / "best", m)
+        with engine.full_weights() as model:  # every rank: under ZeRO-3 the partitions are gathered
+            student = model.student
+            was_training = student.training
+            student.eval()
+            if engine.is_main:
+                with engine.autocast():
+                    m = evaluate_model(
+                        student,
+                        self.cfg.data.val_ann,
+                        self.cfg.data.val_images,
+                        self.cfg.eval,
+                        device=engine.device,
+                        num_workers=self.cfg.data.num_workers,
+                        progress=False,
+                    )
+                m = {"step": step, **m}
+                run_dir = Path(self.cfg.engine.run_dir)
+                with open(run_dir / "eval.jsonl", "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                log(f"eval step {step}: AP {m['AP']:.4f}  AR {m['AR']:.4f}")
+                if m["AP"] > self.best:
+                    self.best = m["AP"]
+                    save_student(student.state_dict(), self.cfg.model, run_dir / "best", m)
+            student.train(was_training)
         barrier()
-        student.train(was_training)
 
 
 def save_student(state: dict, config: PoseConfig, folder: Path, metrics: dict | None = None) -> PoseModel:
@@ -735,23 +731,28 @@ def save_student(state: dict, config: PoseConfig, folder: Path, metrics: dict | 
 
 
 def student_state(engine: Engine, prefix: str = "student.") -> dict | None:
-    """The trained student's fp32 weights on rank 0 (None on the others).
+    """The trained student's fp32 weights on rank 0 (None on the others); a collective (every rank calls it).
 
-    ZeRO-3 partitions the module and bf16 rounds it: then the fp32 master weights are read back from the
-    last checkpoint (saved now if this step has none). Otherwise the module holds them.
+    bf16 rounds the module's parameters: then the fp32 master weights are read back from the last
+    checkpoint (saved now if this step has none). Otherwise the module holds them (under ZeRO-3 gathered
+    from the ranks' partitions).
     """
-    cfg = engine.cfg
-    if cfg.zero_stage == 3 or cfg.precision == "bf16":
+    if engine.cfg.precision == "bf16":
         if read_latest(engine.ckpt_dir) != tag_for_step(engine.step):
             engine.save_checkpoint()
         if not engine.is_main:
             return None
         full = consolidate_fp32(engine.run_dir)
-    else:
+        return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+    with engine.full_weights() as model:
         if not engine.is_main:
             return None
-        full = engine.module.state_dict()
-    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+        # Copies: under ZeRO-3 the gathered weights become partitions again when the block ends.
+        return {
+            k[len(prefix) :]: v.detach().cpu().clone()
+            for k, v in model.state_dict().items()
+            if k.startswith(prefix)
+        }
 
 
 # ---- the run ----------------------------------------------------------------------------------------

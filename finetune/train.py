@@ -148,7 +148,7 @@ def make_step_fn(cfg: FinetuneConfig):
 
 
 class EvalHook:
-    """Engine hook: OKS AP on the val set every `every` steps (rank 0; the others wait).
+    """Engine hook: OKS AP on the val set every `every` steps (rank 0 on the whole model; the others wait).
 
     Each result is appended to run_dir/eval.jsonl; the best AP so far is saved with save_pretrained
     into run_dir/best (with its metrics.json).
@@ -170,31 +170,31 @@ class EvalHook:
     def evaluate(self, engine, step: int) -> dict:
         from finetune.evaluate import evaluate_model
 
-        model = engine.module
-        was_training = model.training
-        model.eval()
         m: dict = {}
-        if engine.is_main:
-            m = evaluate_model(
-                model,
-                self.cfg.data.val_ann,
-                self.cfg.data.val_images,
-                self.cfg.eval,
-                device=engine.device,
-                num_workers=self.cfg.data.num_workers,
-                progress=False,
-            )
-            m = {"step": step, **m}
-            self.history.append(m)
-            run_dir = Path(self.cfg.engine.run_dir)
-            with open(run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-            print(f"[eval] step {step}: AP {m['AP']:.4f}  AR {m['AR']:.4f}", flush=True)
-            if m["AP"] > self.best:
-                self.best = m["AP"]
-                save_model(model, run_dir / "best", m)
+        with engine.full_weights() as model:  # every rank: under ZeRO-3 the partitions are gathered
+            was_training = model.training
+            model.eval()
+            if engine.is_main:
+                m = evaluate_model(
+                    model,
+                    self.cfg.data.val_ann,
+                    self.cfg.data.val_images,
+                    self.cfg.eval,
+                    device=engine.device,
+                    num_workers=self.cfg.data.num_workers,
+                    progress=False,
+                )
+                m = {"step": step, **m}
+                self.history.append(m)
+                run_dir = Path(self.cfg.engine.run_dir)
+                with open(run_dir / "eval.jsonl", "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                print(f"[eval] step {step}: AP {m['AP']:.4f}  AR {m['AR']:.4f}", flush=True)
+                if m["AP"] > self.best:
+                    self.best = m["AP"]
+                    save_model(model, run_dir / "best", m)
+            model.train(was_training)
         barrier()
-        model.train(was_training)
         return m
 
 
@@ -253,9 +253,10 @@ def finish(cfg: FinetuneConfig, engine: Engine, summary: dict, hook: EvalHook | 
     if hook is not None:
         done = hook.history and hook.history[-1]["step"] == engine.step  # the hook just evaluated this step
         final = hook.history[-1] if done else hook.evaluate(engine, engine.step)
-    if engine.is_main:
-        out = Path(cfg.engine.run_dir) / "final"
-        save_model(engine.module, out, final)
-        print(f"[finetune] final model: {out}", flush=True)
+    with engine.full_weights() as model:  # every rank: under ZeRO-3 the partitions are gathered
+        if engine.is_main:
+            out = Path(cfg.engine.run_dir) / "final"
+            save_model(model, out, final)
+            print(f"[finetune] final model: {out}", flush=True)
     barrier()
     return final

@@ -233,6 +233,7 @@ def save_reconstructions(cfg: PretrainConfig):
             return
         import cv2
 
+        # reconstruct() reads no weights (patchify / unpatchify): the module's ZeRO-3 partitions are enough.
         grid = reconstruction_grid(engine.module, imgs, pred, mask, IMAGENET_MEAN, IMAGENET_STD)
         out = Path(cfg.engine.run_dir) / VIZ_DIR / f"step_{step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,9 @@ class HubMixin:
             raise UserError(f"{save_directory}: cannot write there ({e.strerror or e})") from None
         try:
             (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
-            state_dict = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+            # On a CPU `.cpu()` is the tensor itself, possibly a view into a larger buffer (DeepSpeed's flat ZeRO
+            # buffers, gathered ZeRO-3 partitions), which safetensors refuses to store: those are copied.
+            state_dict = {k: _owning(v.detach().cpu()) for k, v in self.state_dict().items()}
             save_torch_state_dict(state_dict, tmp, max_shard_size=max_shard_size)
             self.model_card(license=license, tags=tags, info=info).save(tmp / "README.md")
             _usual_modes(tmp)
@@ -371,6 +373,11 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, *, strict: bool, 
         raise UserError(
             f"{source}: weights do not fit the model built from {CONFIG_NAME}: " + "; ".join(problems)
         )
+
+
+def _owning(t):
+    """`t`, or a copy of it when it is a view into a larger storage."""
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
 
 
 def _usual_modes(folder: Path) -> None:

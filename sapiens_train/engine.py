@@ -12,9 +12,10 @@
 
 One optimizer step = `grad_accum_steps` micro-batches per rank; `engine.step` counts optimizer steps.
 Hooks run on every rank. Under ZeRO-3 each rank holds only a partition of `engine.module`'s
-parameters: run forward passes through `engine.ds` on all ranks (it gathers them), and get full
-weights from a checkpoint with `consolidate_fp32`. With precision bf16 the module's parameters are
-bf16: wrap forward passes outside `fit` in `engine.autocast()`.
+parameters: run forward passes through `engine.ds` on all ranks (it gathers them), or enter
+`engine.full_weights()` on all ranks, inside which rank 0 alone may evaluate or save the whole module.
+With precision bf16 the module's parameters are bf16 (the fp32 master weights are in the checkpoints:
+`consolidate_fp32`): wrap forward passes outside `fit` in `engine.autocast()`.
 A micro-batch whose loss is non-finite on any rank is dropped on every rank (no backward, no update,
 counted in `nonfinite_skipped`) and another one is drawn; `max_nonfinite` in a row raise `UserError`
 and leave `latest` on the newest checkpoint saved before the weights that gave them.
@@ -38,7 +39,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -226,6 +227,28 @@ class _ResumePlan:
     data_states: list  # elastic: every saved rank's data state
 
 
+@contextlib.contextmanager
+def _forward_hooks_detached(model: nn.Module) -> Iterator[None]:
+    """Every forward hook of `model`'s modules taken off for the duration, and put back as they were.
+
+    ZeRO-3 hooks each module: before its forward it gathers the module's partitions, after it frees them,
+    and the module order of a step is recorded and checked across ranks for prefetching. With the weights
+    already gathered and rank 0 running alone, each of these is a collective no other rank joins (a hang)
+    or frees weights still to be read. torch keeps a module's forward hooks in these two dicts; swapping
+    them out and back leaves DeepSpeed's state untouched. (`deepspeed.runtime.zero.
+    unwrap_model_for_generation` removes and re-registers the per-module hooks but keeps the root's
+    start-of-forward hook, whose trace check is a collective right after a trace was reset.)
+    """
+    saved = [(m, m._forward_pre_hooks, m._forward_hooks) for m in model.modules()]
+    for m, _, _ in saved:
+        m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
+    try:
+        yield
+    finally:
+        for m, pre, post in saved:
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -392,6 +415,32 @@ class Engine:
             probe.unlink()
         except OSError as e:
             raise UserError(f"engine.run_dir: cannot write to {self.run_dir} ({e.strerror or e})") from None
+
+    # ---- the whole model ----
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[nn.Module]:
+        """`module` with every parameter whole for the duration: for work rank 0 does alone (evaluation,
+        save_pretrained) on a model that ZeRO-3 keeps partitioned.
+
+            with engine.full_weights() as model:    # on every rank
+                if engine.is_main:
+                    evaluate(model)
+            barrier()                               # the others wait here
+
+        Every rank must enter it: under ZeRO-3 it gathers the partitions (a collective), and inside it the
+        module is a plain torch module (its ZeRO-3 hooks detached), so a forward pass on one rank alone
+        needs no other rank. Read only: the partitions are kept, and changes to the weights are dropped
+        on exit. The parameters are as training holds them (fp32, or bf16 with precision bf16). With ZeRO
+        stages 0-2 every rank holds the whole module already, and this does nothing.
+        """
+        if self.cfg.zero_stage != 3:
+            yield self.module
+            return
+        # modifier_rank=None: nothing is broadcast on exit, each rank keeps its own partition.
+        gathered = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        with gathered, _forward_hooks_detached(self.module):
+            yield self.module
 
     # ---- learning rate ----
 
