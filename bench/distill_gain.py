@@ -3,16 +3,17 @@
 
     python bench/distill_gain.py --out runs/bench_distill            # the full benchmark (~20 min, 2 cores)
     python bench/distill_gain.py --out /tmp/distill_smoke --smoke    # every step on tiny sizes (~2 min)
+    python bench/distill_gain.py --out runs/bench_distill2 --teacher runs/bench_distill/teacher  # reuse a teacher
 
 The recipes are the repository's configs, run through the real trainers:
 - teacher: configs/finetune/tiny_cpu_coco17.yaml (128 wide, 4 blocks, 128x96 crops), `--teacher-steps` steps,
   seed 0, trained once;
-- student: configs/distill/tiny_cpu_coco17.yaml's model (96 wide, 3 blocks, 64x48 crops: a quarter of the
-  teacher's pixels), `--student-steps` steps per run;
+- student: configs/distill/tiny_cpu_coco17.yaml's model (96 wide, 3 blocks, on the teacher's 128x96 crops:
+  about a third of its FLOPs), `--student-steps` steps per run;
 - baseline: that student fine-tuned on ground truth only (`sapiens finetune`), with the distillation run's
   data, steps, optimizer, augmentation and seed: the two runs draw the same crops in the same order from
   the same initial weights, and differ only in the teacher;
-- stage 1: `sapiens distill` with that config (GT + heatmap MSE on all keypoints + feature MSE of the last
+- stage 1: `sapiens distill` with that config (GT + heatmap KL on all keypoints + feature MSE of the last
   blocks through a 1x1 projection, DWPose's linear decay);
 - stage 2: configs/distill/tiny_cpu_coco17_stage2.yaml from the stage-1 student, `--stage2-steps` steps;
 - backbone: configs/distill/tiny_cpu_backbone.yaml (the teacher's backbone into the student's, on the
@@ -143,6 +144,8 @@ def mean_spread(values: list[float]) -> str:
 
 def table(results: dict, plan: Plan) -> str:
     runs = results["runs"]
+    m = load_config(DistillConfig, [CONFIGS["stage1"]]).model
+    student = f"{m.input_size[0]}x{m.input_size[1]}, {m.backbone.embed_dim} wide, {m.backbone.depth} blocks"
 
     def aps(kind: str) -> list[float]:
         return [runs[f"{kind}_s{s}"]["AP"] for s in plan.seeds]
@@ -159,7 +162,7 @@ def table(results: dict, plan: Plan) -> str:
         gain = "" if kind == "baseline" else mean_spread([a - b for a, b in zip(values, base)])
         rows.append((label, mean_spread(values), gain))
     lines = [
-        f"| model (student: 64x48, 96 wide, 3 blocks; {len(plan.seeds)} seeds) | AP | gain over baseline (per seed) |",
+        f"| model (student: {student}; {len(plan.seeds)} seeds) | AP | gain over baseline (per seed) |",
         "| --- | --- | --- |",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
     ]
@@ -174,6 +177,9 @@ def main() -> int:
         if f.name != "seeds":
             p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument(
+        "--teacher", help="reuse this teacher run dir (an earlier run's OUT/teacher) instead of training one"
+    )
     args = p.parse_args()
     plan = dataclasses.replace(SMOKE if args.smoke else Plan())
     for f in dataclasses.fields(Plan):
@@ -194,10 +200,17 @@ def main() -> int:
         f"[bench] data: {plan.train_images} + {plan.val_images} images ({results['seconds']['data']:.0f} s)"
     )
 
-    teacher_cfg = load_config(
-        FinetuneConfig, [CONFIGS["teacher"]], common(out, plan, data, "teacher", 0, plan.teacher_steps)
-    )
-    run(out, "teacher", finetune, teacher_cfg, results)
+    if args.teacher:  # a teacher trained by an earlier run of this benchmark (same data, same recipe)
+        teacher = Path(args.teacher)
+        metrics = json.loads((teacher / "final" / "metrics.json").read_text())
+        results["runs"]["teacher"] = {"AP": metrics["AP"], "seconds": 0.0, "reused": str(teacher)}
+        print(f"[bench] teacher                AP {metrics['AP']:.4f}  (reused: {teacher})", flush=True)
+    else:
+        teacher = out / "teacher"
+        teacher_cfg = load_config(
+            FinetuneConfig, [CONFIGS["teacher"]], common(out, plan, data, "teacher", 0, plan.teacher_steps)
+        )
+        run(out, "teacher", finetune, teacher_cfg, results)
 
     for seed in plan.seeds:
         s = f"_s{seed}"
@@ -206,7 +219,7 @@ def main() -> int:
             [CONFIGS["stage1"]],
             [
                 *common(out, plan, data, "stage1" + s, seed, plan.student_steps),
-                f"teacher.path={out / 'teacher'}",
+                f"teacher.path={teacher}",
             ],
         )
         baseline = baseline_config(stage1, out / ("baseline" + s))
@@ -225,7 +238,7 @@ def main() -> int:
             BackboneDistillConfig,
             [CONFIGS["backbone"]],
             [
-                f"teacher.path={out / 'teacher'}",
+                f"teacher.path={teacher}",
                 f"data.shards={data['unlabeled']}",
                 f"data.num_workers={plan.workers}",
                 f"engine.run_dir={out / ('backbone' + s)}",

@@ -7,6 +7,7 @@
 #
 #   bash docs/make_figures.sh                   # the real run (data in data/synth, run in runs/tiny_cpu_coco17)
 #   FIGURES_QUICK=1 bash docs/make_figures.sh   # a 2-minute check of the same commands (tiny data, 20 steps, /tmp)
+#   FIGURES_RUN=runs/bench_distill/teacher bash docs/make_figures.sh   # a model trained already (same recipe)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SAPIENS=${SAPIENS:-.venv/bin/sapiens}
@@ -16,7 +17,7 @@ if [[ -n "${FIGURES_QUICK:-}" ]]; then
     DATA=/tmp/sapiens_figures/data RUN=/tmp/sapiens_figures/run FIG=/tmp/sapiens_figures/predict_photos.jpg
     N_TRAIN=64 N_VAL=8 STEPS=(engine.total_steps=20 engine.checkpoint_every=0 eval.every_steps=0 optim.warmup_steps=2)
 else
-    DATA=data/synth RUN=runs/tiny_cpu_coco17 FIG=docs/figures/predict_photos.jpg
+    DATA=data/synth RUN=${FIGURES_RUN:-runs/tiny_cpu_coco17} FIG=docs/figures/predict_photos.jpg
     N_TRAIN=4000 N_VAL=100 STEPS=()
 fi
 OUT=$(dirname "$FIG")/predict_out

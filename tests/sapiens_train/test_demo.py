@@ -88,7 +88,7 @@ def test_quick_demo_fails_resumes_and_reports(tmp_path):
     ):
         assert label in table, label
     gain = results["distill"]["AP"] - results["baseline"]["AP"]
-    assert re.search(rf"distillation gain\s+{gain:+.3f} AP", table)
+    assert re.search(r"distillation gain\s+" + re.escape(f"{gain:+.3f}") + " AP", table)
 
     # The files the report shows, and the report itself: every picture inlined, nothing fetched.
     assert (out / "export" / "student.onnx").stat().st_size > 0
