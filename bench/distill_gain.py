@@ -142,10 +142,15 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(v):.1f} ± {sd:.1f} ({min(v):.1f}..{max(v):.1f})"
 
 
+def student_label() -> str:
+    """'128x96, 96 wide, 3 blocks': the student of the stage-1 config."""
+    m = load_config(DistillConfig, [CONFIGS["stage1"]]).model
+    return f"{m.input_size[0]}x{m.input_size[1]}, {m.backbone.embed_dim} wide, {m.backbone.depth} blocks"
+
+
 def table(results: dict, plan: Plan) -> str:
     runs = results["runs"]
-    m = load_config(DistillConfig, [CONFIGS["stage1"]]).model
-    student = f"{m.input_size[0]}x{m.input_size[1]}, {m.backbone.embed_dim} wide, {m.backbone.depth} blocks"
+    student = results.get("student") or student_label()
 
     def aps(kind: str) -> list[float]:
         return [runs[f"{kind}_s{s}"]["AP"] for s in plan.seeds]
@@ -190,7 +195,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     # where the trainers run: the engine takes the GPU when there is one
     device = device_name("cuda" if torch.cuda.is_available() else "cpu")
-    results: dict = {"plan": dataclasses.asdict(plan), "device": device, "runs": {}, "seconds": {}}
+    results: dict = {
+        "plan": dataclasses.asdict(plan),
+        "device": device,
+        "student": student_label(),
+        "runs": {},
+        "seconds": {},
+    }
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()

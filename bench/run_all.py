@@ -400,12 +400,13 @@ def rows_distill(results: dict, source: str) -> list[Row]:
         rows = [Row("distillation: teacher AP (128x96, 128 wide, 4 blocks)", device, f"{100 * teacher:.1f} AP",
                     notes=settings)]  # fmt: skip
     base = aps("baseline")
+    student = results.get("student", "student of configs/distill/tiny_cpu_coco17.yaml")
     for kind, label in (
         ("stage1", "stage 1"),
         ("stage2", "stage 1 + 2"),
         ("backbone_ft", "distilled backbone + FT"),
     ):
-        name = f"distillation gain: student {label} vs ground-truth baseline (64x48, 96 wide, 3 blocks)"
+        name = f"distillation gain: student {label} vs ground-truth baseline ({student})"
         values = aps(kind)
         if None in values or None in base:
             missing = [
