@@ -86,7 +86,7 @@ QUICK = DemoSize(
 )
 
 # The demo's models. The teacher and the pretraining encoder share one backbone (4 blocks, 128 wide, the
-# backbone of configs/finetune/tiny_cpu_coco17.yaml); the student is a quarter of its compute.
+# backbone of configs/finetune/tiny_cpu_coco17.yaml); the student has half its width and half its blocks.
 BACKBONE = {"arch": "tiny_cpu", "embed_dim": 128, "depth": 4, "num_heads": 4}
 STUDENT = {"arch": "tiny_student", "embed_dim": 64, "depth": 2, "num_heads": 2}
 QUICK_BACKBONE = {"arch": "vit_test"}
@@ -347,8 +347,9 @@ def stage_eval(ctx: Context) -> dict:
 
 
 def student_model(ctx: Context) -> dict:
-    """The student: a smaller ViT (a quarter of the teacher's compute per token) on the teacher's crops, as
-    DWPose distils at the teacher's resolution (at half the resolution the gain was nil on these people)."""
+    """The student: a smaller ViT (half the width, half the blocks: about 1/8 of the backbone FLOPs) on the
+    teacher's crops, as DWPose distils at the teacher's resolution (at half the resolution the gain was nil
+    on these people)."""
     size = list(ctx.size.input_size)
     backbone = QUICK_BACKBONE if ctx.quick else STUDENT
     return {
