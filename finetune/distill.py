@@ -70,6 +70,7 @@ from finetune.distill_losses import (
     resize_feature_map,
 )
 from finetune.losses import build_loss
+from finetune.train import save_model
 from sapiens_lite.config import config_from_dict, config_to_dict
 from sapiens_lite.errors import UserError
 from sapiens_lite.flops import forward_flops
@@ -722,11 +723,7 @@ def save_student(state: dict, config: PoseConfig, folder: Path, metrics: dict | 
     """An fp32 PoseModel from `state` (the student's keys), saved with save_pretrained (+ metrics.json)."""
     model = PoseModel(config)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    model.save_pretrained(folder)
-    if metrics:
-        tmp = folder / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=1))
-        os.replace(tmp, folder / "metrics.json")
+    save_model(model, folder, metrics)
     return model
 
 

@@ -306,14 +306,7 @@ def finetune_config(ctx: Context, run_dir: str, init: str = "") -> dict:
 def _finetune(ctx: Context, stage: str, run_dir: str, init: str) -> dict:
     config = _write_yaml(ctx.path("configs", f"{stage}.yaml"), finetune_config(ctx, run_dir, init))
     ctx.runner.run(stage, sapiens_command("finetune", "--config", config.relative_to(ctx.out)))
-    log = _read_log(ctx.path(run_dir, "log.jsonl"))
-    metrics = json.loads(ctx.path(run_dir, "final", "metrics.json").read_text())
-    return {
-        "first_loss": log[0]["loss"],
-        "final_loss": log[-1]["loss"],
-        "AP": metrics["AP"],
-        "run_dir": run_dir,
-    }
+    return _run_result(ctx, run_dir)
 
 
 def stage_finetune(ctx: Context) -> dict:
@@ -394,6 +387,7 @@ def stage_baseline(ctx: Context) -> dict:
 
 
 def _run_result(ctx: Context, run_dir: str) -> dict:
+    """A pose run's first and final logged loss and its final AP (run_dir/final/metrics.json)."""
     log = _read_log(ctx.path(run_dir, "log.jsonl"))
     metrics = json.loads(ctx.path(run_dir, "final", "metrics.json").read_text())
     return {
