@@ -39,11 +39,22 @@ else
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     MAE_ARGS=(--arch sapiens_0.3b --size 1024 768 --batch 32 --dtype bf16 --steps 8 --warmup 3)
     LARGEST_ARGS=(--max-batch 64)
-    ENGINE_CFG=(engine.micro_batch_size=8 data.synthetic=96 data.num_workers=12 engine.total_steps=9 engine.log_every=3)
-    T_MAE=90 T_COMPILE=180 T_LARGEST=120 T_ENGINE=180  # 570 s in all, under the 600 s of one call
+    ENGINE_CFG=(engine.micro_batch_size=8 data.synthetic=96 data.num_workers=12 engine.total_steps=8 engine.log_every=2)
+    T_MAE=100 T_COMPILE=170 T_LARGEST=110 T_ENGINE=140  # 520 s in all, under the 600 s of one call
 fi
 
 section() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+# Every part imports the engine, hence DeepSpeed: install the carried wheels before the first one.
+if ! "$PY" -c "import deepspeed, webdataset" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(not any(e.name == 'pretrain' for e in m.entry_points(group='sapiens.commands')))"; then
+    # the `sapiens` command table lives in the distribution's metadata: install it (no dependencies) beside the wheels
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site_pkg . &&
+        export PYTHONPATH=$PWD:/tmp/site_pkg${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 # Eager first and on its own: a compile that outlasts its limit must not take the headline figure with it.
 section "1a. MAE training throughput, ours vs transformers, eager" | tee "$OUT/mae.txt"
@@ -57,15 +68,6 @@ timeout "$T_LARGEST" "$PY" bench/mae_throughput.py --device "$DEVICE" --find-lar
     tee -a "$OUT/largest.txt"
 
 section "3. sapiens pretrain: sapiens_2b, ZeRO-3, bf16, activation checkpointing, compiled blocks" | tee "$OUT/engine.txt"
-if ! "$PY" -c "import deepspeed, webdataset" 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(not any(e.name == 'pretrain' for e in m.entry_points(group='sapiens.commands')))"; then
-    # the `sapiens` command table lives in the distribution's metadata: install it (no dependencies) beside the wheels
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site_pkg . &&
-        export PYTHONPATH=$PWD:/tmp/site_pkg${PYTHONPATH:+:$PYTHONPATH}
-fi
 RUN_DIR="$OUT/engine_run"
 # The 79.1 GiB cap holds an H200 to what an 80 GB H100 offers; on a CPU it is a no-op. A file, not stdin:
 # data-loader workers may need to re-import the main module.

@@ -253,6 +253,8 @@ def find_largest(args) -> None:
     """
     device = torch.device(args.device)
     cuda = device.type == "cuda"  # on a CPU (a smoke test of this code) nothing runs out: up to --max-batch
+    if cuda and device.index is None:  # set_per_process_memory_fraction wants an index, not plain "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
     if cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total), device)
@@ -302,7 +304,29 @@ def find_largest(args) -> None:
         if st is None:
             print(f"{arch:<14}{'none':>6}  (batch 1 does not fit)")
         else:
-            print(f"{arch:<14}{best:>6}{st[0]:>10.1f}{st[1]:>8.1f}{st[2]:>7.1%}")
+            batch = f"{best}+" if best == args.max_batch else str(best)
+            print(f"{arch:<14}{batch:>6}{st[0]:>10.1f}{st[1]:>8.1f}{st[2]:>7.1%}")
+    if any(best == args.max_batch for _, best, _ in rows):
+        print(f"(N+: every batch up to --max-batch {args.max_batch} fitted; a larger one may too)")
+    if args.out:  # for bench/run_all.py
+        write_json(
+            args.out,
+            {
+                "benchmark": "largest_batch",
+                "device": device_name(device),
+                "memory_gb": args.memory_gb,
+                "size": list(args.size),
+                "dtype": args.dtype,
+                "compile": args.compile,
+                "max_batch": args.max_batch,
+                "peak_tflops": args.peak,
+                "rows": [
+                    {"arch": arch, "batch": best, "capped": best == args.max_batch}
+                    | ({} if st is None else {"peak_gib": st[0], "img_s": st[1], "mfu": st[2]})
+                    for arch, best, st in rows
+                ],
+            },
+        )
 
 
 def main(argv=None) -> None:

@@ -15,9 +15,10 @@ the previous one), writes its figures as JSON into `--json-dir` (with its log), 
     distill       bench/distill_gain.py      AP of distilled students against the ground-truth baseline
 
 With CUDA (`torch.cuda.is_available()`) it also runs the GPU configurations of bench/gpu_check.sh and
-bench/gpu_inference.sh (bf16): mae_gpu, mae_gpu_compile, decode_gpu, inference_gpu, inference_gpu_compile.
-Without it, the table shows the GPU figures recorded in docs/bench/inference_*.txt (parsed from those
-logs, labelled with the file) and names the GPU rows not measured yet.
+bench/gpu_inference.sh (bf16): mae_gpu, mae_gpu_compile, largest_gpu, decode_gpu, inference_gpu,
+inference_gpu_compile. Without it, the table shows the GPU figures recorded in docs/bench/inference_*.txt
+and docs/bench/mae_*.txt (parsed from those logs, labelled with the file) and names the GPU rows not
+measured yet.
 
 Ratio = ours / reference of the two figures in the row; every figure is a throughput, so > 1 means ours
 is faster. MFU = model FLOPs x throughput / the matmul peak measured in the same process. A benchmark that
@@ -69,6 +70,7 @@ MODE = {
     "inference": ["--device", "cpu", "--part", "e2e", "--no-compile", "--dtype", "fp32"],
     "mae_gpu": ["--device", "cuda", "--dtype", "bf16"],
     "mae_gpu_compile": ["--device", "cuda", "--dtype", "bf16", "--compile"],
+    "largest_gpu": ["--device", "cuda", "--dtype", "bf16", "--find-largest"],
     "decode_gpu": ["--device", "cuda", "--part", "decode"],
     "inference_gpu": ["--device", "cuda", "--part", "e2e", "--no-compile", "--dtype", "bf16"],
     "inference_gpu_compile": ["--device", "cuda", "--part", "e2e", "--compile", "--dtype", "bf16"],
@@ -109,6 +111,7 @@ SIZES = {
                   "--warmup", "2", "--steps", "7"],
     "mae_gpu": MAE_GPU,
     "mae_gpu_compile": MAE_GPU,
+    "largest_gpu": ["--max-batch", "64"],  # as bench/gpu_check.sh: sapiens_0.3b..2b, 1024x768, within 79.1 GiB
     "decode_gpu": ["--keypoints", "308", "--decode-batch", "16", "--decode-steps", "10"],
     "inference_gpu": [*INFERENCE_GPU, "--archs", "sapiens_0.3b", "sapiens_1b"],
     "inference_gpu_compile": [*INFERENCE_GPU, "--archs", "sapiens_0.3b"],
@@ -126,6 +129,8 @@ TINY = {
     "inference": TINY_INFERENCE,
     "mae_gpu": TINY_MAE,
     "mae_gpu_compile": TINY_MAE,
+    "largest_gpu": ["--archs", "vit_test", "vit_tiny", "--size", "64", "48", "--max-batch", "2", "--decoder-dim", "32",
+                    "--decoder-depth", "1", "--decoder-heads", "2"],
     "decode_gpu": TINY_DECODE,
     "inference_gpu": TINY_INFERENCE,
     "inference_gpu_compile": TINY_INFERENCE,
@@ -146,6 +151,8 @@ def plan(quick: bool) -> list[Bench]:
         Bench("mae_gpu", "mae_throughput.py", sizes["mae_gpu"], t or 300, True, "MAE training (GPU)"),
         Bench("mae_gpu_compile", "mae_throughput.py", sizes["mae_gpu_compile"], t or 400, True,
               "MAE training, compiled (GPU)"),
+        Bench("largest_gpu", "mae_throughput.py", sizes["largest_gpu"], t or 300, True,
+              "largest MAE training batch in 79.1 GiB (GPU)"),
         Bench("decode_gpu", "inference.py", sizes["decode_gpu"], t or 120, True, "post-processing (GPU)"),
         Bench("inference_gpu", "inference.py", sizes["inference_gpu"], t or 400, True, "pose inference (GPU)"),
         Bench("inference_gpu_compile", "inference.py", sizes["inference_gpu_compile"], t or 400, True,
@@ -167,6 +174,8 @@ class Outcome:
     error: str = ""
     seconds: float = 0.0
     log: Path | None = None
+    reused: bool = False
+    """Read from --json-dir (--reuse), not run now."""
 
 
 def last_line(path: Path) -> str:
@@ -297,7 +306,8 @@ def rows_data(js: dict) -> list[Row]:
     return rows
 
 
-def rows_mae(js: dict, compiled_only: bool = False) -> list[Row]:
+def rows_mae(js: dict, compiled: bool | None = None, status: str = "measured", source: str = "") -> list[Row]:
+    """`compiled` None = all rows, True/False = only the compiled / the eager ones."""
     h, w = js["size"]
     settings = (f"{js['arch']} {h}x{w}, batch {js['batch']}, {js['dtype']}, decoder {js.get('decoder', '?')}, "
                 f"mask 0.75, norm-pix loss, median of {js.get('steps', '?')} steps; "
@@ -305,17 +315,39 @@ def rows_mae(js: dict, compiled_only: bool = False) -> list[Row]:
     rows = []
     for ours, ref in (("ours", "transformers"), ("ours+compile", "transformers+compile"),
                       ("ours+compile-full", "transformers+compile")):  # fmt: skip
-        if ours not in js["rows"] or (compiled_only and "compile" not in ours):
+        if ours not in js["rows"] or (compiled is not None and compiled != ("compile" in ours)):
             continue
         label = f"MAE training {js['arch']}, {ours} vs {ref} ViTMAE"
         a, b, mfu, error = pair(js["rows"], ours, ref)
         opt = (js["rows"].get(ours) or {}).get("opt"), (js["rows"].get(ref) or {}).get("opt")
-        notes = f"{settings}; optimizer {opt[0]} vs {opt[1]}"
+        notes = f"{settings}; optimizer {opt[0]} vs {opt[1]}{source}"
         if error:
             rows.append(Row(label, js["device"], a if a else "failed", b if b else "failed", "img/s", mfu=mfu,
                             notes=f"{error}; {notes}", status="failed"))  # fmt: skip
         else:
-            rows.append(Row(label, js["device"], a, b, "img/s", mfu=mfu, notes=notes))
+            rows.append(Row(label, js["device"], a, b, "img/s", mfu=mfu, notes=notes, status=status))
+    return rows
+
+
+def rows_largest(js: dict, status: str = "measured", source: str = "") -> list[Row]:
+    """One row per size: the largest power-of-two batch that trains within the memory cap (no reference)."""
+    h, w = js["size"]
+    settings = (f"{h}x{w}, {js['dtype']} autocast, fp32 weights + fused AdamW state, activation checkpointing"
+                f"{', compiled blocks' if js.get('compile') else ''}, one device, no ZeRO; batches 1, 2, 4, ... up "
+                f"to {js['max_batch']}; img/s at that batch; peak {js['peak_tflops']:.3g} TFLOP/s")  # fmt: skip
+    rows = []
+    for r in js["rows"]:
+        label = f"largest MAE training batch in {js['memory_gb']:g} GiB, {r['arch']}"
+        if "peak_gib" not in r:
+            rows.append(
+                Row(label, js["device"], "batch 1 does not fit", notes=settings + source, status=status)
+            )
+            continue
+        capped = " (every batch tried fitted)" if r["capped"] else ""
+        ours = f"batch {r['batch']}{'+' if r['capped'] else ''}{capped}, {r['peak_gib']:.1f} GiB, {r['img_s']:.1f} img/s"
+        rows.append(
+            Row(label, js["device"], ours, mfu=(r["mfu"], None), notes=settings + source, status=status)
+        )
     return rows
 
 
@@ -482,9 +514,71 @@ def parse_inference_log(text: str) -> dict:
     return js
 
 
+MAE_HEAD = re.compile(
+    r"MAE training throughput: (?P<arch>\S+) \(.*?\), (?P<h>\d+)x(?P<w>\d+), batch (?P<batch>\d+), (?P<dtype>\w+), "
+    r"device \w+ \((?P<device>[^)]+)\), decoder (?P<decoder>\w+)"
+)
+MAE_FLOPS = re.compile(
+    r"model FLOPs per training image: (?P<gflop>[\d.]+) GFLOP; measured matmul peak (?P<peak>[\d.]+)"
+)
+MAE_ROW = re.compile(r"^(?P<name>(?:ours|transformers)(?:\+compile(?:-full)?)?)\s+(?P<ms>[\d.]+)\s+(?P<img_s>[\d.]+)\s+"
+                     r"(?P<mfu>[\d.]+)%\s+(?P<opt>.+)$")  # fmt: skip
+LARGEST_HEAD = re.compile(
+    r"Largest batch per device within (?P<gb>[\d.]+) GiB \((?P<dtype>\w+) autocast, (?P<what>.*?), "
+    r"(?P<h>\d+)x(?P<w>\d+)\), (?P<device>.+), matmul peak (?P<peak>[\d.]+) TFLOP/s:"
+)
+LARGEST_ROW = re.compile(r"^(?P<arch>\S+)\s+(?P<batch>\d+)(?P<capped>\+?)\s+(?P<gib>[\d.]+)\s+(?P<img_s>[\d.]+)\s+"
+                         r"(?P<mfu>[\d.]+)%$")  # fmt: skip
+MAX_BATCH = re.compile(r"--max-batch (\d+)")
+
+
+def parse_mae_log(text: str) -> dict:
+    """The figures of a bench/mae_throughput.py log (training comparison, or --find-largest), as its JSON."""
+    js: dict = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if m := MAE_HEAD.search(line):
+            js.update(benchmark="mae_training", device=m["device"], arch=m["arch"], size=[int(m["h"]), int(m["w"])],
+                      batch=int(m["batch"]), dtype=m["dtype"], decoder=m["decoder"], rows={})  # fmt: skip
+        elif (m := MAE_FLOPS.search(line)) and "rows" in js:
+            js.update(flops_per_image=float(m["gflop"]) * 1e9, peak_tflops=float(m["peak"]))
+        elif (m := MAE_ROW.match(line)) and "rows" in js:
+            js["rows"][m["name"]] = {"step_s": float(m["ms"]) / 1e3, "img_s": float(m["img_s"]),
+                                     "mfu": float(m["mfu"]) / 100, "opt": m["opt"].strip()}  # fmt: skip
+        elif m := LARGEST_HEAD.search(line):
+            js.update(benchmark="largest_batch", device=m["device"], memory_gb=float(m["gb"]), dtype=m["dtype"],
+                      size=[int(m["h"]), int(m["w"])], compile="compiled blocks" in m["what"],
+                      peak_tflops=float(m["peak"]), rows=[])  # fmt: skip
+        elif (m := LARGEST_ROW.match(line)) and js.get("benchmark") == "largest_batch":
+            js["rows"].append({"arch": m["arch"], "batch": int(m["batch"]), "capped": bool(m["capped"]),
+                               "peak_gib": float(m["gib"]), "img_s": float(m["img_s"]),
+                               "mfu": float(m["mfu"]) / 100})  # fmt: skip
+        elif m := MAX_BATCH.search(line):  # the command line a recorded log starts with
+            js["max_batch"] = int(m[1])
+    if js.get("benchmark") == "largest_batch":
+        top = js.get("max_batch")
+        for r in js["rows"]:  # logs from before the "+" marker: capped when the batch reached --max-batch
+            r["capped"] = r["capped"] or r["batch"] == top
+        js.setdefault("max_batch", max((r["batch"] for r in js["rows"]), default=0))
+    return js
+
+
 def recorded_rows(folder: Path) -> dict[str, list[Row]]:
-    """Rows of the GPU logs in `folder` (inference_*.txt), by the GPU benchmark that would measure them."""
-    by_bench: dict[str, list[Row]] = {"decode_gpu": [], "inference_gpu": [], "inference_gpu_compile": []}
+    """Rows of the GPU logs in `folder` (inference_*.txt, mae_*.txt), by the GPU benchmark that would
+    measure them."""
+    by_bench: dict[str, list[Row]] = {"decode_gpu": [], "inference_gpu": [], "inference_gpu_compile": [],
+                                      "mae_gpu": [], "mae_gpu_compile": [], "largest_gpu": []}  # fmt: skip
+    for path in sorted(folder.glob("mae_*.txt")):
+        rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        source, status = f"; recorded in {rel}", f"recorded: {path.name}"
+        js = parse_mae_log(path.read_text())
+        if js.get("benchmark") == "mae_training" and js["rows"]:
+            by_bench["mae_gpu"] += rows_mae(js, False, status, source)
+            by_bench["mae_gpu_compile"] += rows_mae(js, True, status, source)
+        elif js.get("benchmark") == "largest_batch" and js["rows"]:
+            by_bench["largest_gpu"] += rows_largest(js, status, source)
+        else:
+            by_bench["mae_gpu"].append(failed_row(f"recorded GPU figures ({rel})", "?", "no table found"))
     for path in sorted(folder.glob("inference_*.txt")):
         rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         source, status = f"; recorded in {rel}", f"recorded: {path.name}"
@@ -552,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--args", nargs="+", default=[], metavar="NAME=ARGS",
                    help='extra arguments for one benchmark, appended to its own (e.g. mae="--steps 30")')  # fmt: skip
     p.add_argument("--recorded", default=str(ROOT / "docs" / "bench"), help="folder of recorded GPU logs")
+    p.add_argument("--reuse", action="store_true",
+                   help="a benchmark whose JSON an earlier run left in --json-dir is not run again: its figures "
+                        "are read from there (e.g. to rewrite the table after new GPU logs were recorded)")  # fmt: skip
     args = p.parse_args(argv)
     extra: dict[str, list[str]] = {}
     for item in args.args:
@@ -575,6 +672,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if bench.name == "distill" and args.distill_results:
             continue
+        earlier = json_dir / f"{bench.name}.json"
+        if args.reuse and earlier.is_file():
+            outcomes[bench.name] = Outcome(json.loads(earlier.read_text()), log=earlier, reused=True)
+            continue
         outcomes[bench.name] = run_bench(bench, json_dir, extra.get(bench.name, []), gpu_dry)
 
     cpu = device_name("cpu")
@@ -586,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         "decode": lambda js: rows_decode(js, js["device"]),
         "inference": rows_inference,
         "mae_gpu": rows_mae,
-        "mae_gpu_compile": lambda js: rows_mae(js, compiled_only=True),
+        "mae_gpu_compile": lambda js: rows_mae(js, compiled=True),
+        "largest_gpu": rows_largest,
         "decode_gpu": lambda js: rows_decode(js, js["device"]),
         "inference_gpu": rows_inference,
         "inference_gpu_compile": lambda js: rows_inference(js, compiled=True),
@@ -662,7 +764,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if failed:
         header.append(f"- **{len(failed)} failed row(s)**: see their notes and logs.")
-    footer = [f"Wall time: {', '.join(f'{n} {o.seconds:.0f} s' for n, o in outcomes.items()) or 'none'}."]
+    times = [
+        f"{n} {'reused from ' + str(o.log) if o.reused else f'{o.seconds:.0f} s'}"
+        for n, o in outcomes.items()
+    ]
+    footer = [f"Wall time: {', '.join(times) or 'none'}."]
     write_atomic(Path(args.out), markdown(header, rows, footer))
     print(f"[run_all] wrote {args.out}: {len(rows)} rows, {len(failed)} failed, not measured: "
           f"{', '.join(not_measured) or 'none'}")  # fmt: skip

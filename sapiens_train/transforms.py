@@ -164,10 +164,17 @@ _CV2_THREADS_SET_IN: int | None = None
 
 
 def _single_threaded_cv2() -> None:
-    """One OpenCV thread per process: the parallelism is the DataLoader workers (torch does the same)."""
+    """One OpenCV thread per process: the parallelism is the DataLoader workers (torch does the same).
+
+    0, not 1: both run OpenCV's functions sequentially, but with its pthreads pool (the pip wheels')
+    `setNumThreads(1)` joins the pool's threads at once, and in a forked DataLoader worker those are
+    the parent's threads, which do not exist there: the worker hangs for ever whenever the parent had
+    run a parallel OpenCV function before the fork (seen on a 16-core GPU machine, where rendering
+    `data.synthetic` people at 1024x768 started the pool). 0 only takes effect at the next call.
+    """
     global _CV2_THREADS_SET_IN
     if _CV2_THREADS_SET_IN != os.getpid():
-        cv2.setNumThreads(1)
+        cv2.setNumThreads(0)
         _CV2_THREADS_SET_IN = os.getpid()
 
 

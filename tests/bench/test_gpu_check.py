@@ -27,8 +27,8 @@ def test_dry_run_writes_every_figure(tmp_path):
     assert "speed-up ours+compile / transformers+compile:" in compiled, compiled
     largest = (tmp_path / "largest.txt").read_text()
     assert [line.split()[:2] for line in largest.splitlines() if line.startswith("vit_")] == [
-        ["vit_test", "2"],
-        ["vit_tiny", "2"],
+        ["vit_test", "2+"],  # on a CPU nothing runs out of memory: every batch up to --max-batch fits
+        ["vit_tiny", "2+"],
     ], largest
     records = [json.loads(line) for line in (tmp_path / "engine_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4] and all(r["mem_gib"] > 0 and r["mfu"] > 0 for r in records)

@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.run_all import parse_inference_log  # noqa: E402
+from bench.run_all import parse_inference_log, parse_mae_log  # noqa: E402
 
 # bench/distill_gain.py's results.json, with AP values whose per-seed gains are 5, 4 and 6 points
 DISTILL = {
@@ -122,10 +122,20 @@ def test_quick_run_has_every_row(tmp_path):
         )
 
     if not torch.cuda.is_available():  # the GPU rows: recorded from docs/bench/, or named as not measured yet
-        assert rows["MAE training (GPU) [not measured]"]["ours"] == "not measured yet"
-        assert rows["MAE training, compiled (GPU) [not measured]"]["ours"] == "not measured yet"
         recorded = [r for label, r in rows.items() if "[recorded: " in label]
-        assert all("recorded in docs/bench/inference_" in r["settings, notes"] for r in recorded), recorded
+        assert all(
+            re.search(r"recorded in docs/bench/(inference|mae)_", r["settings, notes"]) for r in recorded
+        )
+        assert not [label for label in rows if "[not measured]" in label and "(GPU)" in label]
+        mae = (ROOT / "docs/bench/mae_h200_compiled.txt").read_text()
+        speedup = re.search(r"speed-up ours\+compile / transformers\+compile: ([\d.]+)x", mae)[1]
+        row = rows["MAE training sapiens_0.3b, ours+compile vs transformers+compile ViTMAE (GPU) "
+                   "[recorded: mae_h200_compiled.txt]"]  # fmt: skip
+        assert float(row["ratio ours / ref"]) == pytest.approx(float(speedup), abs=0.006)
+        largest = rows[
+            "largest MAE training batch in 79.1 GiB, sapiens_2b (GPU) [recorded: mae_h200_largest.txt]"
+        ]
+        assert largest["ours"].startswith("batch 64+") and largest["device"] == "NVIDIA H200", largest
         e2e = (ROOT / "docs/bench/inference_h200_e2e.txt").read_text()
         speedups = re.findall(r"speed-up ours / transformers \((e2e|model)\): ([\d.]+)x", e2e)
         labels = [f"pose inference {part} {arch}, ours vs transformers VitPose (GPU) [recorded: inference_h200_e2e.txt]"
@@ -137,6 +147,18 @@ def test_quick_run_has_every_row(tmp_path):
             )
             assert rows[label]["device"] == "NVIDIA H200"
         assert any("[recorded: inference_h200_decode.txt]" in label for label in rows)
+
+    # --reuse: the same table again from the JSON left in --json-dir, without running anything
+    (tmp_path / "json" / "mae.json").write_text(json.dumps({**js["mae"], "arch": "vit_reused"}))
+    again = run_all(tmp_path, "--reuse", "--out", str(tmp_path / "again.md"), timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    reused = table(tmp_path / "again.md")
+    assert "MAE training vit_reused, ours vs transformers ViTMAE" in reused
+    assert (
+        reused["pose inference e2e vit_test, ours vs transformers VitPose"]
+        == rows["pose inference e2e vit_test, ours vs transformers VitPose"]
+    )
+    assert "inference reused from" in (tmp_path / "again.md").read_text()
 
 
 @pytest.mark.slow
@@ -176,7 +198,15 @@ def test_gpu_configurations_dry_run(tmp_path, monkeypatch):
         row = rows[f"pose inference {part} vit_test, ours vs transformers VitPose (GPU)"]
         assert_ratio(row, r[f"ours {part}"]["img_s"], r[f"transformers {part}"]["img_s"])
     assert "post-processing: decode 17 keypoints, fp32, vs mmpose DARK-UDP loop (numpy + cv2) (GPU)" in rows
-    assert rows["MAE training, compiled (GPU) [not measured]"]["ours"] == "not measured yet"
+    largest = json.loads((tmp_path / "json" / "largest_gpu.json").read_text())
+    assert [(r["arch"], r["batch"], r["capped"]) for r in largest["rows"]] == [
+        ("vit_test", 2, True),
+        ("vit_tiny", 2, True),
+    ]
+    row = rows["largest MAE training batch in 79.1 GiB, vit_tiny (GPU)"]
+    assert row["ours"].startswith("batch 2+ (every batch tried fitted)"), row
+    mfu_ours = float(row["MFU ours / ref"].split(" / ")[0].rstrip("%")) / 100
+    assert mfu_ours == pytest.approx(largest["rows"][1]["mfu"], abs=6e-4)
     # measured in this run, so no recorded eager or decode rows; the compiled ones (skipped) stay recorded
     recorded = [label for label in rows if "[recorded: " in label]
     assert recorded and all("+compile" in label for label in recorded), recorded
@@ -207,3 +237,27 @@ def test_parse_recorded_log_matches_its_printed_speedups():
         if "decode" in js:
             ms = js["decode"]["ms_per_person"]
             assert {"ours fp32", "ours bf16", "mmpose", "transformers"} <= set(ms), ms
+
+
+def test_parse_recorded_mae_logs():
+    """docs/bench/mae_*.txt: the parsed MAE figures give the speed-ups the logs printed; the largest-batch
+    table is read row by row, batches at --max-batch marked as capped (the log's first line names it)."""
+    pattern = r"speed-up ours(\+compile)? / transformers(?:\+compile)?: ([\d.]+)x"
+    paths = sorted((ROOT / "docs" / "bench").glob("mae_*.txt"))
+    assert {p.name for p in paths} >= {"mae_h200_eager.txt", "mae_h200_compiled.txt", "mae_h200_largest.txt"}
+    for path in paths:
+        text = path.read_text()
+        js = parse_mae_log(text)
+        if js["benchmark"] == "mae_training":
+            printed = re.findall(pattern, text)
+            assert printed, path
+            for suffix, speedup in printed:
+                ratio = js["rows"]["ours" + suffix]["img_s"] / js["rows"]["transformers" + suffix]["img_s"]
+                assert ratio == pytest.approx(float(speedup), abs=0.006), path
+            assert js["flops_per_image"] > 0 and js["peak_tflops"] > 0
+        else:
+            table_lines = [line.split() for line in text.splitlines() if line.startswith("sapiens_")]
+            assert [(r["arch"], r["batch"]) for r in js["rows"]] == [
+                (a, int(b.rstrip("+"))) for a, b, *_ in table_lines
+            ]
+            assert all(r["capped"] == (r["batch"] == js["max_batch"]) for r in js["rows"]), js

@@ -146,3 +146,58 @@ def test_config_validation():
     with pytest.raises(ValueError, match="size"):
         MAETransformConfig(size=(0, 10))
     assert math.isclose(MAETransformConfig().ratio[1], 4 / 3)
+
+
+_FORKED_WORKER_SCRIPT = r"""
+import io, sys
+import cv2, numpy as np, torch
+from PIL import Image
+from sapiens_train.transforms import MAETransform, MAETransformConfig
+
+# The parent runs a parallel OpenCV function first, as rendering data.synthetic people at 1024x768 does:
+# this starts OpenCV's thread pool, whose threads a forked DataLoader worker does not inherit.
+big = np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)
+for _ in range(3):
+    cv2.GaussianBlur(big, (15, 15), 3)
+    cv2.resize(big, (1000, 1000), interpolation=cv2.INTER_AREA)
+buf = io.BytesIO()
+Image.fromarray(big[:240, :320]).save(buf, "PNG")
+data = buf.getvalue()
+transform = MAETransform(MAETransformConfig(size=(64, 48)))
+
+class Images(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        return transform(data, i)
+
+ctx = torch.multiprocessing.get_context("fork")
+loader = torch.utils.data.DataLoader(Images(), batch_size=2, num_workers=2, multiprocessing_context=ctx)
+print([tuple(b.shape) for b in loader])
+"""
+
+
+def test_forked_loader_workers_do_not_hang_after_the_parent_used_opencv_threads(tmp_path):
+    """MAETransform in forked DataLoader workers of a process that had started OpenCV's thread pool.
+
+    cv2.setNumThreads(1) in such a worker waits for ever on the parent's pool threads (a 2b pretraining
+    on synthetic data hung at its first step on a 16-core GPU machine); it must finish in seconds.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OPENCV_FOR_THREADS_NUM": "4"}  # a pool of several threads on any machine
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _FORKED_WORKER_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("forked DataLoader workers running MAETransform hung (OpenCV thread pool after fork)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[(2, 3, 64, 48), (2, 3, 64, 48)]"
