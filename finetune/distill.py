@@ -70,7 +70,7 @@ from finetune.distill_losses import (
     resize_feature_map,
 )
 from finetune.losses import build_loss
-from finetune.train import save_model
+from finetune.train import EvalHook, save_model
 from sapiens_lite.config import config_from_dict, config_to_dict
 from sapiens_lite.errors import UserError
 from sapiens_lite.flops import forward_flops
@@ -680,45 +680,6 @@ def make_step_fn(cfg: DistillConfig, engine: Engine, teacher: nn.Module | None):
 # ---- hooks and export -------------------------------------------------------------------------------
 
 
-class StudentEvalHook:
-    """Engine hook: OKS AP of the whole student on the val set every `every` steps (rank 0; the others wait);
-    appended to run_dir/eval.jsonl, the best kept in run_dir/best/ (save_pretrained + metrics.json)."""
-
-    def __init__(self, cfg: DistillConfig, every: int):
-        self.cfg, self.every = cfg, every
-        best_file = Path(cfg.engine.run_dir) / "best" / "metrics.json"
-        self.best = json.loads(best_file.read_text())["AP"] if best_file.is_file() else -1.0
-
-    def __call__(self, engine: Engine, step: int, last_batch, metrics: dict) -> None:
-        from finetune.evaluate import evaluate_model
-
-        with engine.full_weights() as model:  # every rank: under ZeRO-3 the partitions are gathered
-            student = model.student
-            was_training = student.training
-            student.eval()
-            if engine.is_main:
-                with engine.autocast():
-                    m = evaluate_model(
-                        student,
-                        self.cfg.data.val_ann,
-                        self.cfg.data.val_images,
-                        self.cfg.eval,
-                        device=engine.device,
-                        num_workers=self.cfg.data.num_workers,
-                        progress=False,
-                    )
-                m = {"step": step, **m}
-                run_dir = Path(self.cfg.engine.run_dir)
-                with open(run_dir / "eval.jsonl", "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                log(f"eval step {step}: AP {m['AP']:.4f}  AR {m['AR']:.4f}")
-                if m["AP"] > self.best:
-                    self.best = m["AP"]
-                    save_student(student.state_dict(), self.cfg.model, run_dir / "best", m)
-            student.train(was_training)
-        barrier()
-
-
 def save_student(state: dict, config: PoseConfig, folder: Path, metrics: dict | None = None) -> PoseModel:
     """An fp32 PoseModel from `state` (the student's keys), saved with save_pretrained (+ metrics.json)."""
     model = PoseModel(config)
@@ -806,7 +767,18 @@ def train(cfg: DistillConfig, plan: TeacherPlan | None = None, *, resume: bool =
         )
     data = build_data(cfg, engine, plan)
     every = cfg.eval.every_steps if cfg.data.val_ann else 0
-    hooks = [StudentEvalHook(cfg, every)] if every else []
+    hooks = []
+    if every:  # the student evaluated and kept as fine-tuning does, written in fp32 like run_dir/final
+        hooks = [
+            EvalHook(
+                cfg,
+                every,
+                resumed_step=engine.step,
+                pick=lambda module: module.student,
+                save=lambda student, folder, m: save_student(student.state_dict(), cfg.model, folder, m),
+                autocast=True,
+            )
+        ]
     summary = engine.fit(data, make_step_fn(cfg, engine, teacher), hooks=hooks)
     summary["teacher_checksum"] = checksum
     summary["metrics"] = finish(cfg, engine, summary)

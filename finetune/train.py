@@ -13,9 +13,13 @@ anything `sapiens_lite.loading.init_from` reads) -> the engine (layer-wise lr de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+import torch.nn as nn
 
 from finetune.config import FinetuneConfig
 from finetune.data import TopDownDataset, build_pose_stream
@@ -150,13 +154,25 @@ def make_step_fn(cfg: FinetuneConfig):
 class EvalHook:
     """Engine hook: OKS AP on the val set every `every` steps (rank 0 on the whole model; the others wait).
 
-    Each result is appended to run_dir/eval.jsonl; the best AP so far is saved with save_pretrained
-    into run_dir/best (with its metrics.json).
+    Each result is appended to run_dir/eval.jsonl; the best AP so far is saved into run_dir/best (with
+    its metrics.json). Distillation evaluates its student with the same hook: `pick` takes the pose
+    model out of the engine's module, `save` writes it, `autocast` runs the evaluation in the
+    engine's precision.
     """
 
-    def __init__(self, cfg: FinetuneConfig, every: int, resumed_step: int = 0):
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        every: int,
+        resumed_step: int = 0,
+        *,
+        pick: Callable[[nn.Module], PoseModel] = lambda module: module,
+        save: Callable[[PoseModel, Path, dict], None] | None = None,
+        autocast: bool = False,
+    ):
         self.cfg = cfg
         self.every = every
+        self.pick, self.save, self.autocast = pick, save or save_model, autocast
         # A rerun continues eval.jsonl from the step it resumed at (the interrupted run's later lines go).
         truncate_jsonl(Path(cfg.engine.run_dir) / "eval.jsonl", resumed_step)
         # A resumed run keeps the best AP of its earlier part (best/metrics.json), not just its own.
@@ -171,19 +187,21 @@ class EvalHook:
         from finetune.evaluate import evaluate_model
 
         m: dict = {}
-        with engine.full_weights() as model:  # every rank: under ZeRO-3 the partitions are gathered
+        with engine.full_weights() as module:  # every rank: under ZeRO-3 the partitions are gathered
+            model = self.pick(module)
             was_training = model.training
             model.eval()
             if engine.is_main:
-                m = evaluate_model(
-                    model,
-                    self.cfg.data.val_ann,
-                    self.cfg.data.val_images,
-                    self.cfg.eval,
-                    device=engine.device,
-                    num_workers=self.cfg.data.num_workers,
-                    progress=False,
-                )
+                with engine.autocast() if self.autocast else contextlib.nullcontext():
+                    m = evaluate_model(
+                        model,
+                        self.cfg.data.val_ann,
+                        self.cfg.data.val_images,
+                        self.cfg.eval,
+                        device=engine.device,
+                        num_workers=self.cfg.data.num_workers,
+                        progress=False,
+                    )
                 m = {"step": step, **m}
                 self.history.append(m)
                 run_dir = Path(self.cfg.engine.run_dir)
@@ -192,7 +210,7 @@ class EvalHook:
                 print(f"[eval] step {step}: AP {m['AP']:.4f}  AR {m['AR']:.4f}", flush=True)
                 if m["AP"] > self.best:
                     self.best = m["AP"]
-                    save_model(model, run_dir / "best", m)
+                    self.save(model, run_dir / "best", m)
             model.train(was_training)
         barrier()
         return m

@@ -222,7 +222,8 @@ def test_short_run_moves_the_student_towards_the_teacher_and_leaves_the_teacher_
 def test_resume_is_exact_and_refused_with_another_teacher(data, tmp_path, monkeypatch):
     from finetune import distill
 
-    extra = ("distill.feature_weight=0.1", "distill.heatmap_loss=kl")
+    extra = ("distill.feature_weight=0.1", "distill.heatmap_loss=kl", f"data.val_ann={data['val']}",
+             f"data.val_images={data['val'].parent / 'images'}", "eval.every_steps=2")  # fmt: skip
     ref = load_config(DistillConfig, [], overrides(data, tmp_path / "ref", *extra))
     distill.main(ref, resume=False)
 
@@ -260,6 +261,11 @@ def test_resume_is_exact_and_refused_with_another_teacher(data, tmp_path, monkey
     a, b = load_model(tmp_path / "run"), load_model(tmp_path / "ref")
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+    # the evaluation of step 4 ran before the crash and again after the resume from step 3: listed once
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    ref_evals = [json.loads(line) for line in (tmp_path / "ref" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    assert [e["AP"] for e in evals] == [e["AP"] for e in ref_evals]
 
 
 def test_a_cached_teacher_gives_the_online_losses(data, tmp_path, capsys):
