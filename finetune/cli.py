@@ -19,21 +19,31 @@ def add_finetune_command(sub) -> None:
         description="Fine-tune a pose model. Settings: defaults < --config files (in order) < section.key=value.",
     )
     add_config_arguments(p)
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has a checkpoint")
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="validate config and data; print the resolved config, DeepSpeed config, AdamW groups and data plan",
-    )
+    _add_trainer_flags(p, checks="config and data")
     p.set_defaults(func=run_finetune)
 
 
 def run_finetune(args) -> int:
     from finetune.config import FinetuneConfig
     from finetune.train import main
+
+    return _run_trainer(FinetuneConfig, main, args)
+
+
+def _add_trainer_flags(p, checks: str = "config, teacher and data") -> None:
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has a checkpoint")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"validate {checks}; print the resolved config, DeepSpeed config, AdamW groups and data plan",
+    )
+
+
+def _run_trainer(config_class, main, args) -> int:
+    """Config files + overrides -> `main(cfg, resume=, dry_run=)`, the final metrics printed if any."""
     from sapiens_lite.config import load_config
 
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg = load_config(config_class, args.config, args.overrides)
     summary = main(cfg, resume=not args.no_resume, dry_run=args.dry_run)
     metrics = summary.get("metrics") or {}
     if metrics:
@@ -134,16 +144,6 @@ def _is_foreign_file(path: str) -> bool:
 # ---- distillation ----------------------------------------------------------------------------------
 
 
-def _add_trainer_flags(p) -> None:
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has a checkpoint")
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="validate config, teacher and data; print the resolved config, DeepSpeed config, AdamW groups "
-        "and data plan",
-    )
-
-
 def add_distill_command(sub) -> None:
     p = sub.add_parser(
         "distill",
@@ -159,14 +159,8 @@ def add_distill_command(sub) -> None:
 def run_distill(args) -> int:
     from finetune.distill import main
     from finetune.distill_config import DistillConfig
-    from sapiens_lite.config import load_config
 
-    cfg = load_config(DistillConfig, args.config, args.overrides)
-    summary = main(cfg, resume=not args.no_resume, dry_run=args.dry_run)
-    metrics = summary.get("metrics") or {}
-    if metrics:
-        print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    return 0
+    return _run_trainer(DistillConfig, main, args)
 
 
 def add_distill_cache_command(sub) -> None:
@@ -206,8 +200,5 @@ def add_distill_backbone_command(sub) -> None:
 def run_distill_backbone(args) -> int:
     from finetune.distill_backbone import main
     from finetune.distill_config import BackboneDistillConfig
-    from sapiens_lite.config import load_config
 
-    cfg = load_config(BackboneDistillConfig, args.config, args.overrides)
-    main(cfg, resume=not args.no_resume, dry_run=args.dry_run)
-    return 0
+    return _run_trainer(BackboneDistillConfig, main, args)

@@ -5,9 +5,7 @@ teacher unpartitioned (the scenarios live in _distill_worker.py)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,17 +13,9 @@ import torch
 
 from sapiens_lite.loading import load_model
 from sapiens_lite.models.pose import HeadConfig, build_pose_model
+from tests._launch import clean_env, torchrun
 
 WORKER = Path(__file__).with_name("_distill_worker.py")
-LAUNCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-)
 
 
 @pytest.mark.slow
@@ -62,11 +52,8 @@ def test_a_zero3_teacher_equals_the_whole_teacher(tmp_path):
     ]
     (data / "overrides.json").write_text(json.dumps(overrides))
 
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--monitor-interval", "0.5", str(WORKER), str(out), str(data)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [*torchrun(2), str(WORKER), str(out), str(data)]
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
 

@@ -17,22 +17,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-LAUNCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-)
+from tests._launch import clean_env, torchrun
+
 MODEL = [
     "model.input_size=[64, 48]",
     "model.backbone.img_size=[64, 48]",
@@ -58,23 +50,16 @@ ENGINE = [
 ]
 
 
-def _env() -> dict[str, str]:
-    # A clean launch environment: the pytest process may hold a world-of-one's variables.
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def sapiens(*args: str, log: Path, nproc: int = 0, timeout: float = 180) -> None:
     """`sapiens ARGS` in one process, or under `torchrun --nproc_per_node nproc` (gloo on CPU), output to `log`.
 
     A run that hangs (ranks waiting on a collective that one rank never joins) is stopped: SIGTERM makes
     torchrun stop its ranks (each in a session of its own), SIGKILL follows if it does not."""
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-              "--monitor-interval", "0.5"] if nproc else []  # fmt: skip
-    cmd = ["nice", "-n", "10", sys.executable, *launch, "-m", "sapiens_lite.cli", *args]
+    cmd = ["nice", "-n", "10", *torchrun(nproc), "-m", "sapiens_lite.cli", *args]
     with open(log, "w") as f:  # a file, not a pipe: a rank left behind cannot keep it open
-        proc = subprocess.Popen(cmd, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=clean_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

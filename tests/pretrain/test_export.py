@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,6 +12,7 @@ import yaml
 from pretrain.export import encoder_state_dict
 from sapiens_lite.cli import main as sapiens
 from sapiens_lite.models.vit import VisionTransformer
+from tests._launch import clean_env, torchrun
 
 from .test_train import TINY
 
@@ -64,8 +63,8 @@ def test_export_after_two_rank_zero3_run_matches_live_weights(tmp_path):
     script = tmp_path / "train_and_dump.py"
     script.write_text(LIVE_WEIGHTS_SCRIPT)
     live_path = tmp_path / "live.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = clean_env(DS_ACCELERATOR="cpu")
+    cmd = torchrun(2)
     r = subprocess.run(
         cmd + [str(script), str(cfg_path), str(live_path)],
         env=env,

@@ -18,6 +18,7 @@ from sapiens_lite.cli import main as sapiens
 from sapiens_lite.config import load_config
 from sapiens_lite.errors import ConfigError
 from sapiens_train.engine import resolve_batch
+from tests._launch import clean_env, torchrun
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 
@@ -150,9 +151,8 @@ def test_tiny_run_loss_falls_and_writes_pictures(tmp_path):
 def test_two_rank_torchrun_end_to_end_and_resume(tmp_path):
     """`sapiens pretrain` under torchrun (2 CPU ranks, gloo), then resumed to more steps."""
     cfg = write_config(tmp_path, engine={"zero_stage": 1, "checkpoint_every": 2})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "sapiens_lite.cli", "pretrain", "--config", str(cfg)]
+    env = clean_env(DS_ACCELERATOR="cpu")
+    cmd = [*torchrun(2), "-m", "sapiens_lite.cli", "pretrain", "--config", str(cfg)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "run"

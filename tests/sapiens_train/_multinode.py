@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tests._launch import LAUNCH_VARS
+
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = Path(__file__).with_name("_multinode_entry.py")
-
-# Variables a launcher sets; the pytest process may hold a world-of-one's, which must not leak into a launch.
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "GROUP_RANK", "CROSS_RANK", "LOCAL_SIZE", "TORCHELASTIC_RUN_ID")  # fmt: skip
 
 
 def free_port() -> int:

@@ -9,39 +9,25 @@ checks the JSON the ranks wrote.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from sapiens_lite.errors import UserError
+from tests._launch import clean_env
+from tests._launch import torchrun as launch_cmd
 from tests.sapiens_train._worker import make_image_shards
 
 WORKER = Path(__file__).with_name("_worker.py")
-LAUNCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-)
 
 
 def torchrun(scenario: str, out: Path, *args: str, timeout: float = 240, nproc: int = 2):
     """The worker under torchrun with `nproc` ranks; nproc=0: one plain process (no launcher)."""
-    # A clean launch environment: the pytest process may hold a world-of-one's variables.
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-              "--monitor-interval", "0.5"] if nproc else [sys.executable]  # fmt: skip
-    cmd = [*launch, str(WORKER), scenario, str(out), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [*launch_cmd(nproc), str(WORKER), scenario, str(out), *args]
+    return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def results(out: Path, scenario: str, proc: subprocess.CompletedProcess, ranks: int = 2) -> list[dict]:
