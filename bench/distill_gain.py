@@ -23,7 +23,7 @@ Every student is evaluated by the trainers' final evaluation: OKS AP on a held-o
 
 After the teacher (alone, on every core), the students' runs go in chains per seed (baseline; stage 1 ->
 stage 2; backbone -> its fine-tuning), `--jobs` chains at a time in processes of their own with the cores
-shared out (2 on a 2-core machine: about 1.6x the throughput of one run on both cores, for models this
+shared out (2 on a 2-core machine: about 1.3x the throughput of one run on both cores, for models this
 small); `--jobs 1` runs everything in this process, one after the other.
 
 Writes OUT/results.json (every AP, per-phase seconds) and OUT/results.md (the table in
@@ -53,6 +53,7 @@ from finetune import train as finetune  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.distill_config import BackboneDistillConfig, DistillConfig  # noqa: E402
 from sapiens_lite.config import config_from_dict, config_to_dict, load_config  # noqa: E402
+from sapiens_train.dist import WORLD_OF_ONE_VARS  # noqa: E402
 
 CONFIGS = {
     "teacher": ROOT / "configs/finetune/tiny_cpu_coco17.yaml",
@@ -240,16 +241,16 @@ def run_unit(out: Path, plan: Plan, data: dict, teacher: Path, kind: str, seed: 
 def run_parallel(out: Path, args, teacher: Path, units: list[tuple[str, int]], results: dict) -> None:
     """The units in `args.jobs` processes at a time, the cores shared out between them.
 
-    For students this small, two single-threaded runs side by side do about 1.6x the work of one run on
-    both cores (measured: 2 x 250 s against 2 x 198 s in a row): their matmuls are too small for two
-    threads. Each unit is this script again with --unit; its results come back as OUT/unit_KIND_sSEED.json.
+    For students this small, two single-threaded runs side by side do 1.05x to 1.4x the work of one run
+    on both cores (600-step runs: two baselines in about 220 s against 115 s each alone, two stage-1 runs
+    in about 260 s against 180 s each): their matmuls are too small for two threads. Each unit is this script again with --unit; its results come back as OUT/unit_KIND_sSEED.json.
     """
     import subprocess
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     # Without the world-of-one variables the teacher's run set in this process (its MASTER_PORT above
     # all): each unit is a world of its own, on a port of its own.
-    env = {k: v for k, v in os.environ.items() if k not in WORLD_OF_ONE}
+    env = {k: v for k, v in os.environ.items() if k not in WORLD_OF_ONE_VARS}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     plan_args = strip_option(strip_option(sys.argv[1:], "--jobs"), "--teacher")
     pending, running, failed = list(units), [], []
@@ -280,9 +281,6 @@ def run_parallel(out: Path, args, teacher: Path, units: list[tuple[str, int]], r
             results["runs"].update(json.loads((out / f"unit_{kind}_s{seed}.json").read_text())["runs"])
     if failed:
         raise SystemExit(f"[bench] failed: {', '.join(failed)}")
-
-
-WORLD_OF_ONE = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def strip_option(argv: list[str], name: str) -> list[str]:

@@ -62,6 +62,12 @@ def launcher_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+WORLD_OF_ONE_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+"""What set_single_process_env fills in. They stay in os.environ while the process lives (the process
+group outlives one run): a program that trains in-process and then starts other training processes
+must leave them out of their environment, or every child takes the same MASTER_PORT."""
+
+
 def set_single_process_env() -> bool:
     """Without a launcher, fill in the env:// variables for a world of one. Returns True if it did.
 
